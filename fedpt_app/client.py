@@ -1,0 +1,53 @@
+"""ClientApp tasks: what a device does with one round's message."""
+
+from __future__ import annotations
+
+import functools
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+
+from fedpt_app.config import RunConfig
+from fedpt_app.data.partition import PartitionSpec, load_partition
+from fedpt_app.data.prompts import TokenizedExample, tokenize_rows
+from fedpt_app.models.loading import LOAD_COUNTS, load_tokenizer
+from fedpt_app.models.lora import LoraSpec, adapter_state, from_array_record, load_adapter_state, lora_model, to_array_record
+from fedpt_app.strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from fedpt_app.training import train_lora
+
+
+@functools.cache
+def _local_examples(spec: PartitionSpec, partition_id: int, model_ref: str, max_length: int) -> tuple[TokenizedExample, ...]:
+    """This node's tokenized training rows, prepared once per process."""
+    rows = load_partition(spec, partition_id)
+    return tuple(tokenize_rows(load_tokenizer(model_ref), rows, max_length))
+
+
+def partition_of(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node config that the simulation engine or SuperNode sets."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as error:
+        raise ValueError("This node has no 'partition-id'/'num-partitions' in its node config; start the "
+                         "SuperNode with --node-config 'partition-id=N num-partitions=K'") from error
+
+
+def train(msg: Message, context: Context) -> Message:
+    """Apply the global adapter, train it on local data, reply with the adapter and scalar metrics only."""
+    config = RunConfig.from_mapping(context.run_config)
+    partition_id, num_partitions = partition_of(context)
+    spec = PartitionSpec(config.dataset, config.partitioner, num_partitions, config.dirichlet_alpha,
+                         config.classes_per_partition, config.test_fraction, config.seed)
+    examples = _local_examples(spec, partition_id, config.small_model, config.max_length)
+    model = lora_model(config.small_model, LoraSpec.from_run_config(config), seed=config.seed)
+    tokenizer = load_tokenizer(config.small_model)
+    load_adapter_state(model, from_array_record(msg.content[ARRAYS_KEY]))
+    round_config = msg.content[CONFIG_KEY]
+    server_round = int(round_config["server-round"])
+    result = train_lora(model, examples, epochs=config.local_epochs, lr=float(round_config["lr"]),
+                        batch_size=config.batch_size, pad_token_id=tokenizer.pad_token_id,
+                        seed=config.seed * 100_003 + server_round * 1_009 + partition_id,
+                        description=f"client {partition_id} round {server_round}")
+    metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
+                            "train-seconds": result.seconds, "model-loads": sum(LOAD_COUNTS.values())})
+    reply = RecordDict({ARRAYS_KEY: to_array_record(adapter_state(model), config.wire_dtype), METRICS_KEY: metrics})
+    return Message(content=reply, reply_to=msg)

@@ -1,0 +1,175 @@
+"""Typed, validated run configuration: the one place that knows every config key.
+
+Keys are spelled as in `[tool.flwr.app.config]` (kebab-case); fields are the same names in snake_case.
+A `preset` fills the model and dataset keys that are left empty ("").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; raised before any training starts."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named bundle of model and dataset settings; explicit config keys override it."""
+
+    small_model: str
+    large_model: str
+    dataset: str
+    test_dataset: str = ""
+    lora_target_modules: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    # Embedded, offline: pre-trained on first use by fedpt_app.models.tiny_preset.
+    "tiny": Preset(small_model="tiny-small", large_model="tiny-large", dataset="builtin",
+                   lora_target_modules="q_proj,k_proj,v_proj,o_proj"),
+    # Real same-family pairs from the hub, for users with a network.
+    "smollm2": Preset(small_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                      large_model="HuggingFaceTB/SmolLM2-360M-Instruct", dataset="dolly"),
+    "qwen2.5": Preset(small_model="Qwen/Qwen2.5-0.5B-Instruct", large_model="Qwen/Qwen2.5-1.5B-Instruct",
+                      dataset="dolly"),
+}
+
+ALGORITHMS = ("fedavg",)
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+WIRE_DTYPES = ("float32", "float16")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    algorithm: str = "fedavg"
+    preset: str = "tiny"
+    # models ("" = the preset's)
+    small_model: str = ""
+    large_model: str = ""
+    large_model_quantization: str = "none"
+    # data ("" = the preset's)
+    dataset: str = ""
+    test_dataset: str = ""
+    partitioner: str = "pathological"
+    dirichlet_alpha: float = 1.0
+    classes_per_partition: int = 3
+    test_fraction: float = 0.1
+    # federation
+    num_server_rounds: int = 5
+    fraction_train: float = 0.5
+    min_train_nodes: int = 2
+    # local training
+    local_epochs: int = 1
+    lr: float = 3e-3
+    batch_size: int = 16
+    max_length: int = 96
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = ""
+    wire_dtype: str = "float32"
+    # evaluation
+    eval_interval: int = 1
+    eval_samples: int = 90
+    eval_batch_size: int = 32
+    max_new_tokens: int = 24
+    # bookkeeping
+    output_dir: str = ""
+    seed: int = 0
+
+    # ---- construction -----------------------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Build and validate a config from `context.run_config` (or any key -> value mapping)."""
+        valid = cls.keys()
+        unknown = sorted(set(raw) - set(valid))
+        if unknown:
+            raise ConfigError(f"Unknown config key(s) {unknown}. Valid keys: {', '.join(valid)}")
+        values = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in raw:
+                continue
+            values[f.name] = _coerce(key, raw[key], f.type)
+        config = cls(**values)
+        config._validate()
+        return config.with_preset()
+
+    def with_preset(self) -> RunConfig:
+        preset = PRESETS[self.preset]
+        filled = {name: getattr(preset, name) for name in ("small_model", "large_model", "dataset",
+                                                            "test_dataset", "lora_target_modules")
+                  if getattr(self, name) == ""}
+        return dataclasses.replace(self, **filled)
+
+    def _validate(self) -> None:
+        _check(self.algorithm in ALGORITHMS, f"algorithm={self.algorithm!r}; choose one of {ALGORITHMS}")
+        _check(self.preset in PRESETS, f"preset={self.preset!r}; choose one of {sorted(PRESETS)}")
+        _check(self.partitioner in PARTITIONERS, f"partitioner={self.partitioner!r}; choose one of {PARTITIONERS}")
+        _check(self.large_model_quantization in QUANTIZATIONS,
+               f"large-model-quantization={self.large_model_quantization!r}; choose one of {QUANTIZATIONS}")
+        _check(self.wire_dtype in WIRE_DTYPES, f"wire-dtype={self.wire_dtype!r}; choose one of {WIRE_DTYPES}")
+        _check(self.num_server_rounds >= 1, "num-server-rounds must be at least 1")
+        _check(0.0 < self.fraction_train <= 1.0, f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        _check(self.min_train_nodes >= 1, "min-train-nodes must be at least 1")
+        _check(self.local_epochs >= 1, "local-epochs must be at least 1")
+        _check(self.lr > 0.0, f"lr must be positive, got {self.lr}")
+        _check(self.batch_size >= 1, "batch-size must be at least 1")
+        _check(self.max_length >= 8, "max-length must be at least 8")
+        _check(self.lora_r >= 1, f"lora-r must be at least 1, got {self.lora_r}")
+        _check(self.lora_alpha > 0.0, "lora-alpha must be positive")
+        _check(0.0 <= self.lora_dropout < 1.0, "lora-dropout must be in [0, 1)")
+        _check(self.dirichlet_alpha > 0.0, "dirichlet-alpha must be positive")
+        _check(self.classes_per_partition >= 1, "classes-per-partition must be at least 1")
+        _check(0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)")
+        _check(self.eval_interval >= 0, "eval-interval must be 0 (never) or a positive number of rounds")
+        _check(self.eval_samples >= 1, "eval-samples must be at least 1")
+        _check(self.eval_batch_size >= 1, "eval-batch-size must be at least 1")
+        _check(self.max_new_tokens >= 1, "max-new-tokens must be at least 1")
+        _check(self.output_dir == "" or os.path.isabs(os.path.expanduser(self.output_dir)),
+               f"output-dir must be an absolute path (or empty for the default), got {self.output_dir!r}")
+
+    # ---- derived values ---------------------------------------------------------------------------------
+    def round_lr(self, server_round: int) -> float:
+        """Linear decay over rounds: lr_r = lr_0 * (R - r) / R for rounds r = 0 .. R-1."""
+        return self.lr * (self.num_server_rounds - (server_round - 1)) / self.num_server_rounds
+
+    def output_path(self) -> Path:
+        if self.output_dir:
+            return Path(os.path.expanduser(self.output_dir))
+        return default_output_root() / f"{self.algorithm}-{self.preset}-seed{self.seed}"
+
+    def target_modules(self) -> list[str] | None:
+        names = [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+        return names or None  # None: peft's per-architecture default
+
+
+def default_output_root() -> Path:
+    return Path(os.environ.get("FEDPT_OUTPUT_ROOT", Path.home() / "fedpt-app-runs"))
+
+
+def _coerce(key: str, value: Any, type_name: str) -> Any:
+    expected = {"int": int, "float": float, "str": str}[type_name]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key} must be a {type_name}, got {value!r} ({type(value).__name__})")
+    if expected is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, expected):
+        raise ConfigError(f"{key} must be a {type_name}, got {value!r} ({type(value).__name__})")
+    return value

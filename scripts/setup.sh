@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up the environment: a virtualenv (.venv, unless one is already active), torch, and this project.
+# Sourced by demo.sh and test.sh; safe to run again (it installs only what is missing).
+# - torch: an importable torch (e.g. your CUDA build) is kept; otherwise FEDPT_TORCH_SPEC (default torch==2.13.0)
+#   is installed first, so the project's "torch>=2.4" requirement pulls nothing more.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  if [ ! -x .venv/bin/python ]; then
+    if python3 -c "import torch" 2>/dev/null; then
+      echo "[setup] reusing the torch already installed for python3 (--system-site-packages)"
+      python3 -m venv --system-site-packages .venv
+    else
+      python3 -m venv .venv
+    fi
+  fi
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+fi
+
+if ! python -c "import torch" 2>/dev/null; then
+  echo "[setup] installing ${FEDPT_TORCH_SPEC:-torch==2.13.0}"
+  python -m pip install --quiet "${FEDPT_TORCH_SPEC:-torch==2.13.0}"
+fi
+if ! python -c "import fedpt_app, flwr, peft, pytest" 2>/dev/null || [ pyproject.toml -nt .venv/.fedpt-installed ]; then
+  echo "[setup] installing fedpt-app and its dependencies"
+  python -m pip install --quiet -e ".[test]"
+  touch .venv/.fedpt-installed 2>/dev/null || true
+fi
+
+# Flower: a project-local home, no telemetry, and no per-run dependency install (it would fetch a CUDA torch).
+export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr}"
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1

@@ -1,0 +1,13 @@
+"""Flower ServerApp entry point (thin): the work lives in fedpt_app.server."""
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpt_app.server import run_server
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_server(grid, context)

@@ -1,65 +1,81 @@
-"""`fedpt-app` commands beyond `flwr run`."""
+"""`fedpt-app` commands beyond `flwr run`: prepare the offline preset, run a checked simulation, check a config."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
+from fedpt_app.config import ConfigError
 
-def prepare(args: argparse.Namespace) -> None:
+
+def prepare(args: argparse.Namespace) -> int:
     """Build (or find) the embedded tiny preset and print its report."""
     from fedpt_app.models.loading import tiny_preset_dir
 
     folder = tiny_preset_dir(args.seed)
     report = json.loads((folder / "report.json").read_text())
     print(json.dumps({"folder": str(folder), **report}, indent=2))
+    return 0
 
 
-def local_superlink_pids(flwr_home: Path) -> list[int]:
-    """PIDs of the detached local SuperLink that `flwr run` started for this FLWR_HOME, and its executors."""
-    marker = str(flwr_home / "local-superlink")
-    superlinks, executors = [], {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        command = " ".join(argv)
-        if "flower-superlink" in command and marker in command:
-            superlinks.append(int(proc.name))
-        elif "flower-superexec" in command and "--parent-pid" in argv:
-            executors[int(proc.name)] = int(argv[argv.index("--parent-pid") + 1])
-    return superlinks + [pid for pid, parent in executors.items() if parent in superlinks]
+def simulate(args: argparse.Namespace) -> int:
+    """`flwr run . --stream` on simulated clients; exit status 0 only if the run completed."""
+    from fedpt_app.simulation import run_simulation
+
+    outcome = run_simulation(args.run_config, num_supernodes=args.num_supernodes, client_cpus=args.client_cpus)
+    if outcome.succeeded:
+        return 0
+    print(f"\n[fedpt-app] run {outcome.run_id} ended as {outcome.status}: {outcome.details}", file=sys.stderr)
+    return 1
 
 
-def stop_local_superlink(args: argparse.Namespace) -> None:
-    flwr_home = Path(args.flwr_home or os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-    pids = local_superlink_pids(flwr_home)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+def check_config(args: argparse.Namespace) -> int:
+    """Validate --run-config overrides against the app's config without starting anything."""
+    from fedpt_app.simulation import validate_overrides
+
+    config = validate_overrides(args.run_config)
+    print(json.dumps({key: getattr(config, key.replace("-", "_")) for key in config.keys()}, indent=2))
+    return 0
+
+
+def stop_local_superlink(args: argparse.Namespace) -> int:
+    from fedpt_app.simulation import stop_local_superlink as stop
+
+    pids = stop(Path(args.flwr_home or os.environ.get("FLWR_HOME", Path.home() / ".flwr")))
     print(f"Stopped local SuperLink processes {pids}" if pids else "No local SuperLink running")
+    return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpt-app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    prepare_parser = commands.add_parser("prepare", help="pre-train the embedded tiny preset (first use only)")
-    prepare_parser.add_argument("--seed", type=int, default=0)
-    prepare_parser.set_defaults(handler=prepare)
-    stop_parser = commands.add_parser("stop-local-superlink", help="stop the SuperLink that `flwr run` left running")
-    stop_parser.add_argument("--flwr-home", default=None)
-    stop_parser.set_defaults(handler=stop_local_superlink)
-    args = parser.parse_args(argv)
-    args.handler(args)
+    command = commands.add_parser("prepare", help="pre-train the embedded tiny preset (first use only)")
+    command.add_argument("--seed", type=int, default=0)
+    command.set_defaults(handler=prepare)
+    command = commands.add_parser("simulate", help="flwr run . --stream on simulated clients, with a real exit status")
+    command.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=3 lr=0.001"')
+    command.add_argument("--num-supernodes", type=int, default=4)
+    command.add_argument("--client-cpus", type=float, default=1)
+    command.set_defaults(handler=simulate)
+    command = commands.add_parser("check-config", help="validate --run-config overrides and print the full config")
+    command.add_argument("--run-config", default="")
+    command.set_defaults(handler=check_config)
+    command = commands.add_parser("stop-local-superlink", help="stop the SuperLink that `flwr run` left running")
+    command.add_argument("--flwr-home", default=None)
+    command.set_defaults(handler=stop_local_superlink)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"fedpt-app: configuration error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

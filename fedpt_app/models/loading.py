@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 transformers_logging.disable_progress_bar()  # one "Loading weights" bar per process only clutters the run log
@@ -80,7 +80,8 @@ def _dequantized_gguf_dir(gguf_path: Path) -> Path:
         if not (destination / "config.json").exists():
             folder, name = str(gguf_path.parent), gguf_path.name
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16,
+                                                         quantization_config=GgufConfig(dequantize=True))
             staging = destination.with_name(destination.name + ".partial")
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)

@@ -22,12 +22,11 @@ from fedpt_app.aggregation import fedavg
 from fedpt_app.config import RunConfig
 from fedpt_app.data.sources import load_test_rows
 from fedpt_app.evaluation import evaluate_generation
+from fedpt_app.messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from fedpt_app.models.loading import LOAD_COUNTS, load_tokenizer
 from fedpt_app.models.lora import (LoraSpec, adapter_state, from_array_record, load_adapter_state, lora_model,
                                    to_array_record)
 from fedpt_app.reporting import MetricsLog
-
-ARRAYS_KEY, METRICS_KEY, CONFIG_KEY = "arrays", "metrics", "config"
 
 
 class RoundFailedError(RuntimeError):
@@ -101,6 +100,7 @@ class FedAvgLora(FedAvg):
         scores = evaluate_generation(self.small, self.tokenizer, self.test_rows,
                                      max_new_tokens=self.config.max_new_tokens,
                                      batch_size=self.config.eval_batch_size)
+        self.metrics.write_predictions("small", self.test_rows, scores.predictions)
         return {"rouge_l_small": scores.rouge_l, "exact_match_small": scores.exact_match}
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

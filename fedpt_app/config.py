@@ -67,11 +67,11 @@ class RunConfig:
     classes_per_partition: int = 3
     test_fraction: float = 0.1
     # federation
-    num_server_rounds: int = 5
+    num_server_rounds: int = 10
     fraction_train: float = 0.5
     min_train_nodes: int = 2
     # local training
-    local_epochs: int = 1
+    local_epochs: int = 2
     lr: float = 3e-3
     batch_size: int = 16
     max_length: int = 96

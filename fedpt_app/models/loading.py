@@ -20,6 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
+from fedpt_app.models.packaged import PACKAGED_GGUF, PackagedModelMissing, joined_gguf
+
 transformers_logging.disable_progress_bar()  # one "Loading weights" bar per process only clutters the run log
 
 BUILTIN_MODELS = {"tiny-small": "small", "tiny-large": "large"}
@@ -93,6 +95,13 @@ def resolve_model_ref(ref: str) -> str:
     """Map a model reference to what `from_pretrained` takes: a local folder or a hub id."""
     if ref in BUILTIN_MODELS:
         return str(tiny_preset_dir() / BUILTIN_MODELS[ref])
+    if ref in PACKAGED_GGUF:
+        try:
+            with _file_lock(cache_root() / "packaged-gguf.lock"):
+                gguf_path = joined_gguf(ref, cache_root() / "packaged-gguf")
+        except PackagedModelMissing as error:
+            raise ModelLoadError(str(error)) from None
+        return str(_dequantized_gguf_dir(gguf_path))
     path = Path(os.path.expanduser(ref))
     if ref.endswith(".gguf"):
         if not path.is_file():
@@ -103,7 +112,8 @@ def resolve_model_ref(ref: str) -> str:
     if ref.startswith(("/", ".", "~")) or path.exists():
         raise ModelLoadError(f"Model path {ref!r} does not exist or is not a model folder")
     if not _HUB_ID.match(ref):
-        raise ModelLoadError(f"Model reference {ref!r} is neither a built-in name {sorted(BUILTIN_MODELS)}, "
+        raise ModelLoadError(f"Model reference {ref!r} is neither a built-in name "
+                             f"{sorted(BUILTIN_MODELS) + sorted(PACKAGED_GGUF)}, "
                              "a local folder, a .gguf file, nor a hub id like 'org/name'")
     return ref
 

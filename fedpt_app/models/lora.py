@@ -44,7 +44,8 @@ def lora_model(model_ref: str, spec: LoraSpec, quantization: str = "none", seed:
         raise RuntimeError(f"Model {model_ref!r} already carries a LoRA adapter with another spec in this process")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial A matrices: the same in every process for the same seed
-        return get_peft_model(base, spec.peft_config())
+        model = get_peft_model(base, spec.peft_config())
+    return model.eval()  # training code switches to train() and back
 
 
 def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:

@@ -1,7 +1,10 @@
 """One strategy class per algorithm; `STRATEGIES` maps the `algorithm` config value to its class."""
 
 from fedpt_app.strategies.fedavg import FedAvgLora
+from fedpt_app.strategies.fedavg_large import FedAvgLarge
+from fedpt_app.strategies.fedavg_pt import FedAvgProxyTuning
+from fedpt_app.strategies.fedpt import FedPT
 
-STRATEGIES = {cls.algorithm: cls for cls in (FedAvgLora,)}
+STRATEGIES = {cls.algorithm: cls for cls in (FedPT, FedAvgLora, FedAvgProxyTuning, FedAvgLarge)}
 
-__all__ = ["STRATEGIES", "FedAvgLora"]
+__all__ = ["STRATEGIES", "FedAvgLarge", "FedAvgLora", "FedAvgProxyTuning", "FedPT"]

@@ -1,0 +1,115 @@
+"""Batched incremental decoding shared by every model combination (one model, proxy-tuned, large alone).
+
+A *step function* maps the new tokens of a left-padded batch to next-token logits, keeping whatever KV caches
+it needs; `decode` owns the loop: token choice (greedy, temperature, top-p), EOS and stop strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+# Evaluation and `fedpt-app generate` stop here too: models tend to run on into a new prompt section.
+DEFAULT_STOP_STRINGS = ("###",)
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop_strings: tuple[str, ...] = DEFAULT_STOP_STRINGS
+    seed: int = 0
+    ignore_eos: bool = False  # benchmarks: always produce max_new_tokens
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0.0:
+            raise ValueError("temperature must be >= 0 (0 means greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+# (new input ids [B, t], attention mask of everything so far [B, T], positions of the new ids [B, t]) -> [B, V]
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch (padding gets position 0 and is masked anyway)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def pick_next(logits: torch.Tensor, config: DecodingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if config.temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / config.temperature, dim=-1)
+    if config.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= config.top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
+
+
+def decode(step: StepFn, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], config: DecodingConfig) -> list[str]:
+    """Continuations of `prompts` (without the prompt), each stopped at EOS or at its first stop string."""
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    attention_mask = encoded["attention_mask"]
+    step_ids, step_positions = encoded["input_ids"], positions_of(attention_mask)
+    generator = torch.Generator().manual_seed(config.seed) if config.temperature > 0 else None
+    generated: list[list[int]] = [[] for _ in prompts]
+    finished = torch.zeros(len(prompts), dtype=torch.bool)
+    for _ in range(config.max_new_tokens):
+        next_ids = pick_next(step(step_ids, attention_mask, step_positions), config, generator).cpu()
+        for row in torch.nonzero(~finished).flatten().tolist():
+            token = int(next_ids[row])
+            if token == tokenizer.eos_token_id and not config.ignore_eos:
+                finished[row] = True
+                continue
+            generated[row].append(token)
+            if config.stop_strings and _has_stop(tokenizer.decode(generated[row][-16:]), config.stop_strings):
+                finished[row] = True
+        if finished.all():
+            break
+        next_ids = next_ids.masked_fill(finished, tokenizer.pad_token_id)
+        attention_mask = torch.cat([attention_mask, torch.ones(len(prompts), 1, dtype=attention_mask.dtype)], dim=1)
+        step_ids, step_positions = next_ids[:, None], step_positions[:, -1:] + 1
+    return [cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), config.stop_strings).strip()
+            for ids in generated]
+
+
+def _has_stop(text: str, stop_strings: tuple[str, ...]) -> bool:
+    return any(stop in text for stop in stop_strings)
+
+
+def cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> str:
+    cuts = [text.index(stop) for stop in stop_strings if stop in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def causal_lm_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor, cache: Any = None, use_cache: bool = False,
+                     **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """One forward of a causal LM on its own device: (float32 logits, its KV cache)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       position_ids=position_ids.to(device), past_key_values=cache, use_cache=use_cache, **kwargs)
+    return output.logits.float(), output.past_key_values
+
+
+def model_step(model: torch.nn.Module) -> StepFn:
+    """Plain decoding of one model (with its active adapter, if any), KV-cached."""
+    state: dict[str, Any] = {"cache": None}
+
+    def step(input_ids, attention_mask, position_ids):
+        logits, state["cache"] = causal_lm_logits(model, input_ids, attention_mask, position_ids, state["cache"], True)
+        return logits[:, -1]
+
+    return step

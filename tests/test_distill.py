@@ -1,0 +1,91 @@
+"""FedPT's distillation: the KD loss against a hand-computed KL, and the teacher cache against recomputation."""
+
+import math
+
+import pytest
+import torch
+
+from fedpt_app.data.builtin import builtin_instruction_split
+from fedpt_app.data.prompts import tokenize_rows
+from fedpt_app.distill import DistillConfig, ProxyDistiller, kd_loss, response_positions
+from fedpt_app.models.lora import LoraSpec, adapter_state, lora_model
+from fedpt_app.proxy import LocalLogitsProvider, shared_vocab_size
+
+
+def test_kd_loss_is_the_temperature_scaled_kl_from_teacher_to_student():
+    teacher = torch.tensor([[0.0, math.log(3.0)]])  # softmax: [0.25, 0.75]
+    student = torch.tensor([[0.0, 0.0]])  # softmax: [0.5, 0.5]
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert kd_loss(student, teacher, 1.0).item() == pytest.approx(expected, rel=1e-6)
+    # T = 2: teacher softmax [1/(1+sqrt 3), sqrt 3/(1+sqrt 3)], student uniform, times T^2 = 4
+    p = 1.0 / (1.0 + math.sqrt(3.0))
+    expected_t2 = 4.0 * (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5))
+    assert kd_loss(student, teacher, 2.0).item() == pytest.approx(expected_t2, rel=1e-6)
+    assert kd_loss(teacher, teacher, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kd_loss_averages_over_positions():
+    teacher = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])
+    student = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    single = kd_loss(student[:1], teacher[:1], 1.0)
+    assert kd_loss(student, teacher, 1.0).item() == pytest.approx(single.item() / 2, rel=1e-6)
+
+
+def test_response_positions_are_those_predicting_response_tokens():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 4, -100, -100, -100]])
+    assert response_positions(labels).tolist() == [[False, True, True, False, False],
+                                                  [True, False, False, False, False]]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir, tiny_large_dir, tiny_tokenizer):
+    small = lora_model(str(tiny_model_dir), LoraSpec(4, 8.0, target_modules=("q_proj", "v_proj")), seed=0)
+    large = LocalLogitsProvider(str(tiny_large_dir), shared_vocab_size(str(tiny_model_dir), str(tiny_large_dir)))
+    examples = tokenize_rows(tiny_tokenizer, builtin_instruction_split("server")[:24], 64)
+    return small, large, examples
+
+
+def _distiller(pair, tmp_path, mode, budget_mb=64.0, steps=3):
+    small, large, examples = pair
+    config = DistillConfig(alpha=1.0, temperature=1.0, steps=steps, lr=5e-3, batch_size=8, seed=0)
+    return ProxyDistiller(small, large, examples, config, pad_token_id=0, cache_mode=mode,
+                          cache_budget_mb=budget_mb, cache_dir=tmp_path)
+
+
+def _teacher_adapter(small):
+    generator = torch.Generator().manual_seed(1)
+    return {key: torch.randn(value.shape, generator=generator) * 0.3 for key, value in adapter_state(small).items()}
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_cached_teacher_equals_recomputed_teacher(pair, tmp_path, mode):
+    cached = _distiller(pair, tmp_path, mode)
+    recomputed = _distiller(pair, tmp_path, "off")
+    assert cached.cache.enabled and not recomputed.cache.enabled
+    if mode == "disk":
+        assert (tmp_path / "teacher-cache.npy").exists()
+    teacher_state = _teacher_adapter(pair[0])
+    for indices in ([0, 1, 2, 3], [5, 17, 9]):
+        fast, slow = cached.teacher(indices, teacher_state), recomputed.teacher(indices, teacher_state)
+        assert fast.shape == slow.shape and fast.shape[0] > len(indices)
+        # float16 storage: absolute error within half a unit in the last place of the logit magnitudes
+        torch.testing.assert_close(fast, slow, atol=2e-3 * slow.abs().max().item(), rtol=1e-3)
+
+
+def test_a_cache_over_budget_falls_back_to_recomputing(pair, tmp_path):
+    assert _distiller(pair, tmp_path, "memory", budget_mb=0.0).cache.mode == "off"
+
+
+def test_distillation_trains_only_the_adapter_towards_the_teacher(pair, tmp_path):
+    small, _, _ = pair
+    distiller = _distiller(pair, tmp_path, "memory", steps=12)
+    start = _teacher_adapter(small)
+    base_before = {name: p.detach().clone() for name, p in small.named_parameters() if "lora_" not in name}
+    first = distiller.run_round(1, start)
+    assert set(first.state) == set(start)
+    assert any(not torch.equal(first.state[key], start[key]) for key in start)
+    assert all(torch.equal(p, base_before[name]) for name, p in small.named_parameters() if "lora_" not in name)
+    # The teacher is fixed for the round: distilling longer from the same start ends closer to it.
+    distiller.config = DistillConfig(alpha=1.0, temperature=1.0, steps=1, lr=5e-3, batch_size=8, seed=0)
+    one_step = distiller.run_round(1, start)
+    assert first.loss < one_step.loss

@@ -10,6 +10,7 @@ Targets: proxy >= 0.85 x (large + one small forward); the speed-up over the naiv
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -38,9 +39,9 @@ def main() -> int:
     parser.add_argument("--run-config", default="")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--repeats", type=int, default=3, help="median over this many interleaved runs")
     args = parser.parse_args()
     config = validate_overrides(args.run_config)
-    torch.set_num_threads(torch.get_num_threads())
     tokenizer = load_tokenizer(config.small_model)
     small = lora_model(config.small_model, LoraSpec.from_run_config(config), seed=config.seed)
     generator = torch.Generator().manual_seed(0)
@@ -60,12 +61,14 @@ def main() -> int:
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         prompts = [build_prompt(row["instruction"], row.get("context", "")) for row in rows[:batch_size]]
         decode(proxy_step(large, small, 1.0), tokenizer, prompts, DecodingConfig(max_new_tokens=4))  # warm-up
-        rates = {}
-        for name, new_step in variants.items():
-            began = time.perf_counter()
-            outputs = decode(new_step(), tokenizer, prompts, decoding)
-            rates[name] = batch_size * args.new_tokens / (time.perf_counter() - began)
-            assert len(outputs) == batch_size
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
+            for name, new_step in variants.items():
+                began = time.perf_counter()
+                outputs = decode(new_step(), tokenizer, prompts, decoding)
+                samples[name].append(batch_size * args.new_tokens / (time.perf_counter() - began))
+                assert len(outputs) == batch_size
+        rates = {name: statistics.median(values) for name, values in samples.items()}
         reference = rates["large + 1 small fwd"]
         print(f"\nbatch {batch_size}: {'variant':<22}{'tokens/s':>10}{'x large+1 small':>17}{'x large alone':>15}")
         for name, rate in rates.items():

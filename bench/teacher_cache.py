@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from fedpt_app.data.prompts import tokenize_rows
+from fedpt_app.data.prompts import collate, tokenize_rows
 from fedpt_app.data.sources import load_splits
 from fedpt_app.distill import DistillConfig, ProxyDistiller
 from fedpt_app.models.loading import load_tokenizer
-from fedpt_app.models.lora import LoraSpec, adapter_state, lora_model
+from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
 from fedpt_app.proxy import LocalLogitsProvider, shared_vocab_size
 from fedpt_app.simulation import validate_overrides
 
@@ -31,7 +31,7 @@ class StudentOnly(ProxyDistiller):
         super().__init__(*args, **kwargs)
         self.teachers = teachers
 
-    def teacher(self, indices, teacher_state):
+    def teacher(self, indices, batch):
         return self.teachers[tuple(indices)]
 
 
@@ -61,7 +61,9 @@ def main() -> int:
 
     cached, cache_build = build("memory")
     recompute, _ = build("off")
-    teachers = {tuple(ix): cached.teacher(ix, start) for r in range(1, args.rounds + 1) for ix in cached.batch_indices(r)}
+    load_adapter_state(small, start)
+    teachers = {tuple(ix): cached.teacher(ix, collate([examples[i] for i in ix], tokenizer.pad_token_id))
+                for r in range(1, args.rounds + 1) for ix in cached.batch_indices(r)}
     student, _ = build("off", teachers=teachers)
     timings = {name: [] for name in ("student alone", "cached teacher", "recomputed teacher")}
     for server_round in range(1, args.rounds + 1):  # interleaved, so drift hits all three alike

@@ -129,15 +129,28 @@ def _no_grad_logits(model: torch.nn.Module, input_ids, attention_mask, position_
                      position_ids=position_ids.to(device)).logits.float()
 
 
-@contextmanager
-def adapter_swapped(model: PeftModel, state: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily run the model with another adapter state (the round's frozen teacher adapter)."""
-    current = adapter_state(model)
-    load_adapter_state(model, state)
-    try:
-        yield
-    finally:
-        load_adapter_state(model, current)
+class AdapterSlots:
+    """The adapter's trainable tensors in place, to run the model with another adapter for a moment (the round's
+    frozen teacher adapter) by copying values in and back: no state-dict round trip per step."""
+
+    def __init__(self, model: PeftModel) -> None:
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.parameters]
+
+    @contextmanager
+    def holding(self, values: Sequence[torch.Tensor]) -> Iterator[None]:
+        saved = self.snapshot()
+        with torch.no_grad():
+            for parameter, value in zip(self.parameters, values, strict=True):
+                parameter.copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, value in zip(self.parameters, saved, strict=True):
+                    parameter.copy_(value)
 
 
 @dataclass(frozen=True)
@@ -170,29 +183,30 @@ class ProxyDistiller:
         size = self.config.batch_size
         return [order[step * size:(step + 1) * size] for step in range(self.config.steps)]
 
-    def teacher(self, indices: Sequence[int], teacher_state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Teacher logits at the response positions of examples `indices`, for the frozen adapter `teacher_state`."""
-        batch = collate([self.examples[i] for i in indices], self.pad_token_id)
+    def teacher(self, indices: Sequence[int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher logits at the response positions of examples `indices` (collated as `batch`), with the small
+        model's adapter as it is now (the caller holds the round's frozen teacher adapter in place)."""
         vocab = self.large.vocab_size
-        with adapter_swapped(self.small, teacher_state):
-            if self.cache.enabled:
-                tuned = _forward_at_responses(lambda *a: _no_grad_logits(self.small, *a), batch)[:, :vocab]
-                return self.cache.rows(indices) + self.config.alpha * tuned.cpu()
-            large_rows = _forward_at_responses(lambda *a: self.large.logits(*a)[0], batch)
-            offset = _forward_at_responses(lambda *a: small_offset(self.small, vocab, *a)[0], batch)
-            return (large_rows + self.config.alpha * offset.to(large_rows.device)).cpu()
+        if self.cache.enabled:
+            tuned = _forward_at_responses(lambda *a: _no_grad_logits(self.small, *a), batch)[:, :vocab]
+            return self.cache.rows(indices).to(tuned.device) + self.config.alpha * tuned
+        large_rows = _forward_at_responses(lambda *a: self.large.logits(*a)[0], batch)
+        offset = _forward_at_responses(lambda *a: small_offset(self.small, vocab, *a)[0], batch)
+        return large_rows + self.config.alpha * offset.to(large_rows.device)
 
     def run_round(self, server_round: int, start_state: OrderedDict[str, torch.Tensor]) -> DistillResult:
         """Start from the aggregated adapter, take `steps` KD steps, return the new adapter."""
         started = time.perf_counter()
         load_adapter_state(self.small, start_state)
-        parameters = [p for p in self.small.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=self.config.lr, weight_decay=0.0)
-        device = parameters[0].device
+        slots = AdapterSlots(self.small)
+        teacher_adapter = slots.snapshot()
+        optimizer = torch.optim.AdamW(slots.parameters, lr=self.config.lr, weight_decay=0.0)
+        device = slots.parameters[0].device
         losses = []
         for indices in self.batch_indices(server_round):
-            teacher = self.teacher(indices, start_state).to(device)
             batch = collate([self.examples[i] for i in indices], self.pad_token_id)
+            with slots.holding(teacher_adapter):
+                teacher = self.teacher(indices, batch).to(device)
             mask = response_positions(batch["labels"]).to(device)
             self.small.train()
             logits = self.small(input_ids=batch["input_ids"].to(device),

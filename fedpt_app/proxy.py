@@ -4,7 +4,8 @@ tuned-minus-untuned offset, `z = zL + alpha * (zs_tuned - zs_base)` over the sha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -14,8 +15,6 @@ from transformers import AutoConfig
 from fedpt_app.data.prompts import build_prompt
 from fedpt_app.decoding import DecodingConfig, StepFn, causal_lm_logits, decode, positions_of
 from fedpt_app.models.loading import load_causal_lm, load_tokenizer, resolve_model_ref
-
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
 class VocabularyMismatchError(ValueError):
@@ -84,20 +83,50 @@ def proxy_logits(large: torch.Tensor, small_tuned: torch.Tensor, small_base: tor
 
 def small_offset(small: PeftModel, vocab_size: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor, cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
-    """`zs_tuned - zs_base` from ONE batched forward: the batch twice, the second half with the adapter off."""
+    """`zs_tuned - zs_base` from ONE batched forward: the batch twice, the adapter applied to the first half only."""
     batch = input_ids.shape[0]
-    logits, cache = causal_lm_logits(
-        small, torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask]),
-        torch.cat([position_ids, position_ids]), cache, use_cache,
-        adapter_names=[small.active_adapter] * batch + [BASE_ADAPTER] * batch)
+    with adapter_on_first_rows(small, batch, 2 * batch):
+        logits, cache = causal_lm_logits(small, torch.cat([input_ids, input_ids]),
+                                         torch.cat([attention_mask, attention_mask]),
+                                         torch.cat([position_ids, position_ids]), cache, use_cache)
     logits = logits[..., :vocab_size]
     return logits[:batch] - logits[batch:], cache
+
+
+@contextmanager
+def adapter_on_first_rows(model: PeftModel, rows: int, total: int) -> Iterator[None]:
+    """Within the block, LoRA contributes to the first `rows` rows of the batch only; the others run the base.
+
+    Each LoRA layer adds `lora_B(lora_A(x)) * scaling` to its base output, so zeroing lora_B's output on a row
+    removes the adapter there exactly. One multiply per LoRA layer: cheaper than peft's per-sample
+    `adapter_names` routing, which splits the batch in every layer.
+    """
+    suffix = f"lora_B.{model.active_adapter}"
+    modules = [module for name, module in model.named_modules() if name.endswith(suffix)]
+    if not modules:
+        raise ValueError("The small model has no LoRA layers with a lora_B module (only LoRA on linear layers "
+                         "is supported for proxy-tuning)")
+    mask = torch.zeros(total, 1, 1)
+    mask[:rows] = 1.0
+    masks: dict[tuple, torch.Tensor] = {}
+
+    def keep_first_rows(module, inputs, output):
+        key = (output.device, output.dtype)
+        if key not in masks:
+            masks[key] = mask.to(device=output.device, dtype=output.dtype)
+        return output * masks[key].view(total, *([1] * (output.dim() - 1)))
+
+    handles = [module.register_forward_hook(keep_first_rows) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def proxy_step(large: LogitsProvider, small: PeftModel, alpha: float) -> StepFn:
     """Proxy-tuned next-token logits, with a KV cache for the large model and one for the merged small forward."""
     caches: dict[str, Any] = {"large": None, "small": None}
-    small.eval()  # peft mixes adapters per sample only in eval mode
 
     def step(input_ids, attention_mask, position_ids):
         large_logits, caches["large"] = large.logits(input_ids, attention_mask, position_ids, caches["large"], True)

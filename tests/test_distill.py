@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fedpt_app.data.builtin import builtin_instruction_split
-from fedpt_app.data.prompts import tokenize_rows
+from fedpt_app.data.prompts import collate, tokenize_rows
 from fedpt_app.distill import DistillConfig, ProxyDistiller, kd_loss, response_positions
-from fedpt_app.models.lora import LoraSpec, adapter_state, lora_model
+from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
 from fedpt_app.proxy import LocalLogitsProvider, shared_vocab_size
 
 
@@ -64,9 +64,11 @@ def test_cached_teacher_equals_recomputed_teacher(pair, tmp_path, mode):
     assert cached.cache.enabled and not recomputed.cache.enabled
     if mode == "disk":
         assert (tmp_path / "teacher-cache.npy").exists()
-    teacher_state = _teacher_adapter(pair[0])
+    small, _, examples = pair
+    load_adapter_state(small, _teacher_adapter(small))
     for indices in ([0, 1, 2, 3], [5, 17, 9]):
-        fast, slow = cached.teacher(indices, teacher_state), recomputed.teacher(indices, teacher_state)
+        batch = collate([examples[i] for i in indices], pad_token_id=0)
+        fast, slow = cached.teacher(indices, batch), recomputed.teacher(indices, batch)
         assert fast.shape == slow.shape and fast.shape[0] > len(indices)
         # float16 storage: absolute error within half a unit in the last place of the logit magnitudes
         torch.testing.assert_close(fast, slow, atol=2e-3 * slow.abs().max().item(), rtol=1e-3)

@@ -138,6 +138,6 @@ def test_generate_command_answers_with_a_saved_adapter(tuned_small, tiny_model_d
     assert done.returncode == 0, done.stderr[-2000:]
     answers = [json.loads(line) for line in done.stdout.splitlines()]
     assert [a["instruction"] for a in answers] == ["Name a color.", "Is 4 even?"]
-    missing = subprocess.run(command[:8] + [str(tmp_path / "nowhere"), "hello"], capture_output=True, text=True,
+    missing = subprocess.run(command[:9] + [str(tmp_path / "nowhere"), "hello"], capture_output=True, text=True,
                              timeout=300)
     assert missing.returncode == 2 and "not a saved peft adapter folder" in missing.stderr

@@ -141,3 +141,21 @@ def test_generate_command_answers_with_a_saved_adapter(tuned_small, tiny_model_d
     missing = subprocess.run(command[:9] + [str(tmp_path / "nowhere"), "hello"], capture_output=True, text=True,
                              timeout=300)
     assert missing.returncode == 2 and "not a saved peft adapter folder" in missing.stderr
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_large_model_serves_as_logits_provider(tuned_small, tiny_model_dir, tiny_tokenizer,
+                                                         tmp_path_factory, quantization):
+    # bitsandbytes' CPU 4-bit kernel needs layer widths divisible by its block size: hidden 64, not 48
+    large_dir = save_tiny_llama(tmp_path_factory.mktemp(f"proxy-large-{quantization}"), tiny_tokenizer, hidden=64,
+                                layers=3, seed=1)
+    vocab = shared_vocab_size(str(tiny_model_dir), str(large_dir))
+    full = LocalLogitsProvider(str(large_dir), vocab)
+    quantized = LocalLogitsProvider(str(large_dir), vocab, quantization)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    mask, positions = torch.ones_like(ids), torch.arange(4)[None]
+    error = (quantized.logits(ids, mask, positions)[0] - full.logits(ids, mask, positions)[0]).abs().max().item()
+    assert 0 < error < 0.5
+    answers = decode(proxy_step(quantized, tuned_small, 1.0), load_tokenizer(str(tiny_model_dir)), PROMPTS[:2],
+                     DecodingConfig(max_new_tokens=6))
+    assert len(answers) == 2

@@ -37,11 +37,12 @@ class LoraSpec:
 def lora_model(model_ref: str, spec: LoraSpec, quantization: str = "none", seed: int = 0) -> PeftModel:
     """The base model with a LoRA adapter, built once per process and reused across rounds.
 
-    peft injects the adapter into the cached base model in place, so one base carries one adapter spec.
+    peft injects the adapter into the base model in place, so one base carries one adapter spec: a second spec
+    for the same model (tests, benches) gets its own uncached copy of the base.
     """
     base = load_causal_lm(model_ref, quantization)
     if isinstance(getattr(base, "peft_config", None), dict):
-        raise RuntimeError(f"Model {model_ref!r} already carries a LoRA adapter with another spec in this process")
+        base = load_causal_lm.__wrapped__(model_ref, quantization)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial A matrices: the same in every process for the same seed
         model = get_peft_model(base, spec.peft_config())

@@ -4,8 +4,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpt_app import client
+from fedpt_app.privacy import clip_when_asked_mod
+from fedpt_app.secure_aggregation import secure_aggregation_mod
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod, clip_when_asked_mod])
 
 
 @app.train()

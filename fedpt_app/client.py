@@ -43,6 +43,12 @@ def trained_model(config: RunConfig, role: str) -> tuple[str, str]:
     raise ValueError(f"The server asked to train model {role!r}; expected 'small' or 'large'")
 
 
+def adapter_keys(config: RunConfig, role: str) -> list[str]:
+    """The names of the adapter tensors this device trains, in the order the server sends them."""
+    model_ref, quantization = trained_model(config, role)
+    return list(adapter_state(lora_model(model_ref, LoraSpec.from_run_config(config), quantization, config.seed)))
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -30,7 +30,8 @@ def series(rows: Sequence[dict], model: str) -> list[tuple[int, float]]:
 def summary_row(algorithm: str, rows: Sequence[dict]) -> dict:
     trained = [row for row in rows if row["round"] > 0]
     final = next((row for row in reversed(trained) if any(row.get(f"rouge_l_{m}") is not None for m in MODELS)), {})
-    per_client = [(row["bytes_up"] + row["bytes_down"]) / max(row.get("clients", 1), 1) for row in trained]
+    per_client = [((row["bytes_up"] or 0) + (row["bytes_down"] or 0)) / max(row.get("clients", 1), 1)
+                  for row in trained]
     return {
         "algorithm": algorithm,
         **{f"rouge_l_{m}": final.get(f"rouge_l_{m}") for m in MODELS},

@@ -48,6 +48,7 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 WIRE_DTYPES = ("float32", "float16")
 TEACHER_CACHE_MODES = ("memory", "disk", "off")
+DP_MODES = ("off", "server", "client")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -74,6 +75,19 @@ class RunConfig:
     num_server_rounds: int = 10
     fraction_train: float = 0.5
     min_train_nodes: int = 2
+    round_timeout: float = 3600.0  # seconds the server waits for a round's replies
+    # reply validation (a failing reply is dropped, the others aggregate)
+    max_update_norm: float = 1000.0  # L2 norm of client adapter minus broadcast adapter; 0 = no bound
+    max_num_examples: int = 1_000_000
+    # differential privacy of the aggregate (DP-FedAvg, fixed clipping); see fedpt_app/privacy.py
+    dp_mode: str = "off"
+    dp_clipping_norm: float = 1.0
+    dp_noise_multiplier: float = 1.0
+    # secure aggregation with Flower's SecAgg+; see fedpt_app/secure_aggregation.py
+    secure_aggregation: bool = False
+    secagg_num_shares: float = 1.0  # proportion of the sampled clients each key is shared with
+    secagg_reconstruction_threshold: float = 0.67  # proportion of the shares needed to reconstruct a key
+    secagg_max_weight: float = 1000.0  # num-examples above this overflow SecAgg+'s quantized weighting
     # local training
     local_epochs: int = 2
     lr: float = 3e-3
@@ -149,6 +163,18 @@ class RunConfig:
         _check(self.num_server_rounds >= 1, "num-server-rounds must be at least 1")
         _check(0.0 < self.fraction_train <= 1.0, f"fraction-train must be in (0, 1], got {self.fraction_train}")
         _check(self.min_train_nodes >= 1, "min-train-nodes must be at least 1")
+        _check(self.round_timeout > 0.0, f"round-timeout must be positive, got {self.round_timeout}")
+        _check(self.max_update_norm >= 0.0, "max-update-norm must be 0 (no bound) or positive")
+        _check(self.max_num_examples >= 1, "max-num-examples must be at least 1")
+        _check(self.dp_mode in DP_MODES, f"dp-mode={self.dp_mode!r}; choose one of {DP_MODES}")
+        _check(self.dp_clipping_norm > 0.0, f"dp-clipping-norm must be positive, got {self.dp_clipping_norm}")
+        _check(self.dp_noise_multiplier >= 0.0, "dp-noise-multiplier must be 0 or more")
+        _check(not (self.secure_aggregation and self.dp_mode != "off"),
+               "secure-aggregation=true cannot be combined with dp-mode yet (the server sees only the weighted sum)")
+        _check(0.0 < self.secagg_num_shares <= 1.0, "secagg-num-shares must be a proportion in (0, 1]")
+        _check(0.5 < self.secagg_reconstruction_threshold <= 1.0,
+               "secagg-reconstruction-threshold must be a proportion in (0.5, 1]")
+        _check(self.secagg_max_weight > 0.0, "secagg-max-weight must be positive")
         _check(self.local_epochs >= 1, "local-epochs must be at least 1")
         _check(self.lr > 0.0, f"lr must be positive, got {self.lr}")
         _check(self.batch_size >= 1, "batch-size must be at least 1")
@@ -186,6 +212,10 @@ def default_output_root() -> Path:
 
 
 def _coerce(key: str, value: Any, type_name: str) -> Any:
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r} ({type(value).__name__})")
+        return value
     expected = {"int": int, "float": float, "str": str}[type_name]
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(f"{key} must be a {type_name}, got {value!r} ({type(value).__name__})")

@@ -16,15 +16,23 @@ MODEL_NAMES = ("small", "proxy", "large")
 
 
 class MetricsLog:
-    """Appends one JSON object per round to `<output-dir>/metrics.jsonl` (rewritten at the start of a run)."""
+    """Appends one JSON object per round to `<output-dir>/metrics.jsonl`.
 
-    def __init__(self, output_dir: Path, run_config: dict[str, Any]) -> None:
+    A new run starts the file afresh; a resumed run keeps the rows of its completed rounds (dropping any row that
+    the interrupted run wrote after its last checkpoint).
+    """
+
+    def __init__(self, output_dir: Path, run_config: dict[str, Any], keep_rounds_upto: int = 0) -> None:
         self.output_dir = output_dir
+        self.run_config = run_config
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
-        self.path.write_text("")
-        (output_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
         self.rows: list[dict[str, Any]] = []
+        if keep_rounds_upto and self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.rows = [row for row in rows if row["round"] <= keep_rounds_upto]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+        (output_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
 
     def append(self, row: dict[str, Any], num_rounds: int) -> None:
         self.rows.append(row)
@@ -49,8 +57,8 @@ class MetricsLog:
             "rounds": max((row["round"] for row in self.rows), default=0),
             "final": evaluated[-1] if evaluated else None,
             **best,
-            "total_bytes_up": sum(row.get("bytes_up", 0) for row in self.rows),
-            "total_bytes_down": sum(row.get("bytes_down", 0) for row in self.rows),
+            "total_bytes_up": sum(row.get("bytes_up") or 0 for row in self.rows),
+            "total_bytes_down": sum(row.get("bytes_down") or 0 for row in self.rows),
             "total_seconds": sum(row.get("round_seconds", 0.0) for row in self.rows),
             **extra,
         }
@@ -68,8 +76,12 @@ def _format_value(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _megabytes(count: int | None) -> str:
+    return "- MB (not counted)" if count is None else f"{count / 1e6:.2f} MB"
+
+
 def format_round_line(row: dict[str, Any], num_rounds: int) -> str:
     metrics = " | ".join(f"{name} {_format_value(row.get(name))}" for name in ROUND_LINE_FIELDS
                          if row.get(name) is not None)
-    return (f"[fedpt-app] round {row['round']}/{num_rounds} | {metrics} | up {row.get('bytes_up', 0) / 1e6:.2f} MB"
-            f" | down {row.get('bytes_down', 0) / 1e6:.2f} MB | {row.get('round_seconds', 0.0):.1f} s")
+    return (f"[fedpt-app] round {row['round']}/{num_rounds} | {metrics} | up {_megabytes(row.get('bytes_up'))}"
+            f" | down {_megabytes(row.get('bytes_down'))} | {row.get('round_seconds', 0.0):.1f} s")

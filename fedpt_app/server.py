@@ -11,6 +11,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedpt_app.config import RunConfig
+from fedpt_app.secure_aggregation import run_with_secure_aggregation
 from fedpt_app.strategies import STRATEGIES
 
 
@@ -21,7 +22,12 @@ def run_server(grid: Grid, context: Context) -> dict:
     log(INFO, "[fedpt-app] algorithm=%s preset=%s small-model=%s dataset=%s output-dir=%s", config.algorithm,
         config.preset, config.small_model, config.dataset, config.output_path())
     strategy = STRATEGIES[config.algorithm](config)  # loads models and data: bad input fails here, before round 1
-    result = strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(),
-                            num_rounds=config.num_server_rounds, train_config=ConfigRecord(),
+    initial_arrays = strategy.initial_arrays()  # the checkpoint's adapter when resuming an interrupted run
+    if strategy.rounds_left == 0:  # interrupted after its last round, before saving the results
+        return strategy.finish(initial_arrays)
+    if config.secure_aggregation:
+        return strategy.finish(run_with_secure_aggregation(grid, context, strategy, initial_arrays))
+    result = strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=strategy.rounds_left,
+                            timeout=config.round_timeout, train_config=ConfigRecord(),
                             evaluate_fn=strategy.evaluate_round)
     return strategy.finish(result.arrays)

@@ -65,22 +65,26 @@ LOCAL_SUPERLINK = ("127.0.0.1", 39091)  # where `flwr run` starts its local Supe
 
 
 def local_superlink_pids(flwr_home: Path) -> list[int]:
-    """PIDs of the detached local SuperLink that `flwr run` started for this FLWR_HOME, and its executors."""
+    """PIDs of the detached local SuperLink that `flwr run` started for this FLWR_HOME, its executors, and the
+    processes those run (the ServerApp / simulation runtime)."""
     marker = str(flwr_home / "local-superlink")
-    superlinks, executors = [], {}
+    superlinks, executors, parents = [], {}, {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
         command = " ".join(argv)
         if "flower-superlink" in command and marker in command:
             superlinks.append(int(proc.name))
         elif "flower-superexec" in command and "--parent-pid" in argv:
             executors[int(proc.name)] = int(argv[argv.index("--parent-pid") + 1])
-    return superlinks + [pid for pid, parent in executors.items() if parent in superlinks]
+    ours = [pid for pid, parent in executors.items() if parent in superlinks]
+    runtimes = [pid for pid, parent in parents.items() if parent in ours]
+    return superlinks + ours + runtimes
 
 
 def stop_local_superlink(flwr_home: Path, timeout: float = 15.0) -> list[int]:

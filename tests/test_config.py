@@ -20,14 +20,18 @@ def test_unknown_key_lists_the_valid_keys():
 
 
 @pytest.mark.parametrize("key,value", [("lr", "fast"), ("num-server-rounds", 2.5), ("lora-r", True),
-                                       ("small-model", 3)])
+                                       ("small-model", 3), ("secure-aggregation", 1),
+                                       ("secure-aggregation", "yes")])
 def test_wrong_type_is_rejected(key, value):
     with pytest.raises(ConfigError, match=key):
         RunConfig.from_mapping({key: value})
 
 
 @pytest.mark.parametrize("key,value", [("lr", -1.0), ("fraction-train", 1.5), ("lora-r", 0), ("algorithm", "fedsgd"),
-                                       ("partitioner", "shards"), ("output-dir", "relative/dir"), ("preset", "huge")])
+                                       ("partitioner", "shards"), ("output-dir", "relative/dir"), ("preset", "huge"),
+                                       ("round-timeout", 0.0), ("max-update-norm", -1.0), ("max-num-examples", 0),
+                                       ("dp-mode", "local"), ("dp-clipping-norm", 0.0),
+                                       ("dp-noise-multiplier", -0.1), ("secagg-reconstruction-threshold", 0.5)])
 def test_out_of_range_values_are_rejected(key, value):
     with pytest.raises(ConfigError):
         RunConfig.from_mapping({key: value})
@@ -68,3 +72,8 @@ def test_every_algorithm_has_exactly_one_strategy_class():
     from fedpt_app.strategies import STRATEGIES
     assert sorted(STRATEGIES) == sorted(ALGORITHMS)
     assert len(set(STRATEGIES.values())) == len(STRATEGIES)
+
+
+def test_secure_aggregation_and_dp_together_are_refused():
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        RunConfig.from_mapping({"secure-aggregation": True, "dp-mode": "client"})

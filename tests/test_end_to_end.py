@@ -1,9 +1,12 @@
 """End-to-end `flwr run .` simulations on the embedded tiny preset (pre-trained once into FEDPT_CACHE)."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fedpt_app.models.loading import resolve_model_ref, tiny_preset_dir
@@ -121,3 +124,125 @@ def test_fedavg_large_tunes_the_large_model_and_sends_its_bigger_adapter(tmp_pat
     assert all(row["bytes_up"] == 2 * adapter_bytes for row in rows[1:])
     summary = json.loads((output / "summary.json").read_text())
     assert summary["adapter_base_model"] == config.large_model
+
+
+def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter(tmp_path):
+    """Kill the ServerApp process mid-run, rerun with the same output-dir: the final adapter is bit for bit the
+    uninterrupted run's (full participation: which clients a round samples cannot differ between the runs)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from fedpt_app.checkpoint import load_checkpoint
+    from fedpt_app.simulation import local_superlink_pids, stop_local_superlink
+
+    overrides = "num-server-rounds=4 fraction-train=1.0 eval-interval=0 kd-steps=4 kd-samples=32"
+    full, full_output, _ = _simulate(tmp_path / "full", overrides)
+    assert full.succeeded, full.log[-3000:]
+
+    home, output = tmp_path / "crash" / "flwr", tmp_path / "crash" / "out"
+    run_config = f"{overrides} output-dir='{output}'"
+    outcomes = []
+    runner = threading.Thread(target=lambda: outcomes.append(
+        run_simulation(run_config, num_supernodes=2, flwr_home=home, echo=None)))
+    runner.start()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and runner.is_alive():
+        if (output / "checkpoint.pt").exists() and load_checkpoint(output).completed_round >= 1:
+            break
+        time.sleep(0.05)
+    for pid in local_superlink_pids(home):  # the crash: the ServerApp's process dies, then the rest
+        if "flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            os.kill(pid, signal.SIGKILL)
+    stop_local_superlink(home)
+    runner.join(timeout=300)
+    assert outcomes and not outcomes[0].succeeded
+    interrupted_at = load_checkpoint(output).completed_round
+    assert 1 <= interrupted_at < 4 and not (output / "summary.json").exists()
+
+    resumed = run_simulation(run_config, num_supernodes=2, flwr_home=home, echo=None)
+    assert resumed.succeeded, resumed.log[-3000:]
+    assert f"resuming from the checkpoint of round {interrupted_at}" in resumed.log
+    assert [row["round"] for row in _rows(output)] == [0, 1, 2, 3, 4]
+    uninterrupted = load_file(full_output / "adapter" / "adapter_model.safetensors")
+    after_resume = load_file(output / "adapter" / "adapter_model.safetensors")
+    assert uninterrupted.keys() == after_resume.keys()
+    assert all(torch.equal(uninterrupted[key], after_resume[key]) for key in uninterrupted)
+
+
+def test_a_round_with_crashing_nan_and_misshapen_clients_aggregates_the_honest_ones(tmp_path):
+    """5 real ClientApps, 3 of them faulty (tests/fault_app): the round completes, the faults are counted and
+    named, and the global adapter is exactly FedAvg of the two honest clients' updates."""
+    import dataclasses
+    import shutil
+
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedpt_app.aggregation import fedavg
+    from fedpt_app.client import train
+    from fedpt_app.messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+    from fedpt_app.models.lora import from_array_record
+    from tests.test_reliability import _received
+
+    app = tmp_path / "app"
+    app.mkdir()
+    project = Path(__file__).resolve().parent.parent
+    shutil.copy(project / "server_app.py", app)
+    shutil.copy(project / "tests" / "fault_app" / "faulty_client_app.py", app)
+    pyproject = (project / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "client_app:app"',
+                                                          'clientapp = "faulty_client_app:app"'))
+    tiny_preset_dir()
+    output = tmp_path / "out"
+    run_config = f"algorithm='fedavg' num-server-rounds=1 fraction-train=1.0 eval-samples=9 output-dir='{output}'"
+    outcome = run_simulation(run_config, num_supernodes=5, app_dir=app, flwr_home=tmp_path / "flwr", echo=None)
+    assert outcome.succeeded, outcome.log[-3000:]
+    row = _rows(output)[1]
+    assert (row["clients"], row["failures"], row["rejected"]) == (2, 1, 2)
+    problems = " | ".join(row["problems"])
+    assert "injected fault" in problems and "NaN" in problems and "has shape" in problems
+
+    # the honest clients' round, recomputed here with the same seeds, averaged by hand
+    config = validate_overrides(run_config)
+    model = lora_model(config.small_model, LoraSpec.from_run_config(config), seed=config.seed)
+    initial = to_array_record(adapter_state(model), "float32")
+    states, weights = [], []
+    for partition in (0, 1):
+        context = Context(run_id=1, node_id=partition, node_config={"partition-id": partition, "num-partitions": 5},
+                          state=RecordDict(), run_config={key.replace("_", "-"): value
+                                                          for key, value in dataclasses.asdict(config).items()})
+        instruction = _received(0, RecordDict({ARRAYS_KEY: initial, CONFIG_KEY: ConfigRecord(
+            {"lr": config.round_lr(1), "model": "small", "server-round": 1})}))
+        reply = train(instruction, context)
+        states.append(from_array_record(reply.content[ARRAYS_KEY]))
+        weights.append(float(reply.content[METRICS_KEY]["num-examples"]))
+    expected = fedavg(states, weights)
+    final = load_file(output / "adapter" / "adapter_model.safetensors")
+    assert final.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value, rtol=0, atol=1e-5)
+
+
+def test_client_side_dp_clips_on_the_devices_and_noises_the_aggregate(tmp_path):
+    outcome, output, _ = _simulate(tmp_path, "algorithm='fedavg' num-server-rounds=2 fraction-train=1.0 "
+                                             "eval-samples=9 dp-mode='client' dp-clipping-norm=0.05 "
+                                             "dp-noise-multiplier=0.5")
+    assert outcome.succeeded, outcome.log[-3000:]
+    for row in _rows(output)[1:]:
+        assert row["clients"] == 2 and row["rejected"] == 0
+        assert row["update_norm_max"] <= 0.05 * 1.001  # clipped by Flower's fixedclipping_mod on each device
+        assert row["dp_noise_stdv"] == pytest.approx(0.5 * 0.05 / 2)
+
+
+def test_secure_aggregation_runs_secagg_plus_and_aggregates_like_fedavg(tmp_path):
+    outcome, output, _ = _simulate(tmp_path, "algorithm='fedpt' num-server-rounds=2 fraction-train=1.0 "
+                                             "eval-samples=9 kd-steps=2 secure-aggregation=true", num_supernodes=3)
+    assert outcome.succeeded, outcome.log[-3000:]
+    assert "aggregate_fit: received 3 results and 0 failures" in outcome.log  # logged by SecAggPlusWorkflow
+    rows = _rows(output)
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients"] == 3 and row["secure_aggregation"] == "secagg+" and row["bytes_up"] is None
+        assert row["kd_loss"] is not None and row["train_loss"] > 0
+    assert (output / "adapter" / "adapter_model.safetensors").exists()

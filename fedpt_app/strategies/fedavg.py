@@ -7,6 +7,8 @@ Subclasses add their own server step after aggregation (`server_step`) and their
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -17,8 +19,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedpt_app.aggregation import fedavg
+from fedpt_app.checkpoint import Checkpoint, resumable_checkpoint, save_checkpoint
 from fedpt_app.config import RunConfig
 from fedpt_app.data.sources import load_test_rows
 from fedpt_app.decoding import StepFn, model_step
@@ -27,7 +31,18 @@ from fedpt_app.messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from fedpt_app.models.loading import LOAD_COUNTS, load_tokenizer
 from fedpt_app.models.lora import (LoraSpec, adapter_state, from_array_record, load_adapter_state, lora_model,
                                    to_array_record)
+from fedpt_app.privacy import clipped, noisy_mean
 from fedpt_app.reporting import MetricsLog
+from fedpt_app.validation import UpdateRules, reply_problem, update_norm
+
+
+def content_digest(msg: Message) -> str:
+    """A digest of a reply's adapter tensors: a deterministic sort key whatever order replies arrive in."""
+    digest = hashlib.sha256()
+    for key, array in sorted(msg.content[ARRAYS_KEY].items()):
+        digest.update(key.encode())
+        digest.update(array.data)
+    return digest.hexdigest()
 
 
 class RoundFailedError(RuntimeError):
@@ -48,8 +63,12 @@ class FedAvgLora(FedAvg):
         self.model = lora_model(self.model_ref, LoraSpec.from_run_config(config), self.quantization, config.seed)
         self.test_rows = load_test_rows(config.dataset, config.test_dataset, config.test_fraction,
                                         config.seed)[:config.eval_samples]
-        self.metrics = MetricsLog(config.output_path(), dataclasses.asdict(config))
+        run_config = dataclasses.asdict(config)
+        self.checkpoint = resumable_checkpoint(config.output_path(), run_config)
+        self.resumed_round = self.checkpoint.completed_round if self.checkpoint else 0
+        self.metrics = MetricsLog(config.output_path(), run_config, keep_rounds_upto=self.resumed_round)
         self._round: dict = {}
+        self._broadcast: dict[str, torch.Tensor] = {}
 
     @property
     def quantization(self) -> str:
@@ -57,36 +76,84 @@ class FedAvgLora(FedAvg):
 
     # ---- what the round sends and receives ---------------------------------------------------------------
     def initial_arrays(self) -> ArrayRecord:
+        """The fresh adapter, or the checkpointed one when this run resumes an interrupted one."""
+        if self.checkpoint is not None:
+            log(INFO, "[fedpt-app] resuming from the checkpoint of round %d in %s", self.resumed_round,
+                self.metrics.output_dir)
+            self.checkpoint.restore_rng()
+            return to_array_record(self.checkpoint.adapter, "float32")
         return to_array_record(adapter_state(self.model), "float32")
 
+    @property
+    def rounds_left(self) -> int:
+        return self.config.num_server_rounds - self.resumed_round
+
+    # Flower numbers the rounds of `start()` from 1; a resumed run's round r is Flower's r - resumed_round.
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.resumed_round
+        entries, wire_arrays = self.begin_round(server_round, arrays)
+        for key, value in entries.items():
+            config[key] = value
+        messages = list(super().configure_train(server_round, wire_arrays, config, grid))
+        self.count_sent(len(messages), wire_arrays)
+        return messages
+
+    def begin_round(self, server_round: int, arrays: ArrayRecord) -> tuple[dict, ArrayRecord]:
+        """(the round's config entries for the clients, the adapter as it goes on the wire)."""
         lr = self.config.round_lr(server_round)
         self._round = {"started": time.perf_counter(), "lr": lr}
-        config["lr"] = lr
-        config["model"] = self.trained_role
+        entries = {"lr": lr, "model": self.trained_role}
+        if self.config.dp_mode == "client":  # read by the ClientApp's clipping mod
+            entries[KEY_CLIPPING_NORM] = self.config.dp_clipping_norm
         wire_arrays = to_array_record(from_array_record(arrays), self.config.wire_dtype)
-        messages = list(super().configure_train(server_round, wire_arrays, config, grid))
-        self._round["bytes_down"] = wire_arrays.count_bytes() * len(messages)
-        return messages
+        self._broadcast = from_array_record(wire_arrays)  # what clients start from, as they decode it
+        return entries, wire_arrays
+
+    def count_sent(self, clients: int, wire_arrays: ArrayRecord) -> None:
+        self._round["sent"] = clients
+        self._round["bytes_down"] = wire_arrays.count_bytes() * clients
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, failed = self._check_and_log_replies(list(replies), is_train=True)
-        if len(valid) < self.min_train_nodes:
-            reasons = "; ".join(f"node {msg.metadata.src_node_id}: {msg.error.reason}" for msg in failed)
-            raise RoundFailedError(f"Round {server_round}: only {len(valid)} of {len(valid) + len(failed)} clients "
-                                   f"replied (min-train-nodes={self.min_train_nodes}). {reasons}")
-        metrics = [msg.content[METRICS_KEY] for msg in valid]
+        server_round += self.resumed_round
+        replies = list(replies)
+        usable, problems = self.screen_replies(replies)
+        timeouts = self.check_enough_replies(server_round, len(replies), len(usable), problems)
+        metrics = [msg.content[METRICS_KEY] for msg in usable]
         weights = [float(record["num-examples"]) for record in metrics]
-        global_state = fedavg([from_array_record(msg.content[ARRAYS_KEY]) for msg in valid], weights)
+        global_state = self.aggregate([from_array_record(msg.content[ARRAYS_KEY]) for msg in usable], weights)
+        self._round.update({
+            "failures": sum(msg.has_error() for msg in replies) + timeouts,
+            "rejected": sum(not msg.has_error() for msg in replies) - len(usable), "problems": problems,
+            "update_norm_max": max(update_norm(msg.content[ARRAYS_KEY], self._broadcast) for msg in usable),
+            "bytes_up": sum(msg.content[ARRAYS_KEY].count_bytes() for msg in usable),
+        })
+        return self.complete_round(server_round, global_state, metrics)
+
+    def check_enough_replies(self, server_round: int, replies: int, usable: int, problems: list[str]) -> int:
+        """The number of sampled clients that never replied; stops the run below `min-train-nodes`."""
+        timeouts = self._round["sent"] - replies
+        if timeouts:
+            log(WARNING, "[fedpt-app] round %d: %d sampled client(s) did not reply within round-timeout=%gs",
+                server_round, timeouts, self.config.round_timeout)
+        if usable < self.min_train_nodes:
+            raise RoundFailedError(
+                f"Round {server_round}: only {usable} usable replies from {self._round['sent']} sampled "
+                f"clients (min-train-nodes={self.min_train_nodes}); {timeouts} timed out; "
+                f"{'; '.join(problems) or 'no other problems'}. The global adapter of round {server_round - 1} is "
+                f"kept in the checkpoint: rerun with the same output-dir to resume.")
+        return timeouts
+
+    def complete_round(self, server_round: int, global_state: OrderedDict[str, torch.Tensor],
+                       metrics: list) -> tuple[ArrayRecord, MetricRecord]:
+        """The server step on the aggregate, and the round's training bookkeeping."""
+        weights = [float(record["num-examples"]) for record in metrics]
         server_started = time.perf_counter()
         global_state = self.server_step(server_round, global_state)
         train_loss = sum(float(r["train-loss"]) * w for r, w in zip(metrics, weights)) / sum(weights)
         self._round.update({
-            "clients": len(valid), "failures": len(failed), "num_examples": int(sum(weights)),
-            "train_loss": train_loss,
-            "bytes_up": sum(msg.content[ARRAYS_KEY].count_bytes() for msg in valid),
+            "clients": len(metrics), "num_examples": int(sum(weights)), "train_loss": train_loss,
             "client_train_seconds": max(float(r["train-seconds"]) for r in metrics),
             "client_model_loads": max(int(r["model-loads"]) for r in metrics),
             "client_peak_rss_mb": max(float(r["peak-rss-mb"]) for r in metrics),
@@ -94,6 +161,38 @@ class FedAvgLora(FedAvg):
             "server_step_seconds": time.perf_counter() - server_started,
         })
         return to_array_record(global_state, "float32"), MetricRecord({"train-loss": train_loss})
+
+    def aggregate(self, states: list[dict[str, torch.Tensor]], weights: list[float]) -> OrderedDict[str, torch.Tensor]:
+        """FedAvg weighted by num-examples; with differential privacy, the clipped, noised uniform mean."""
+        config = self.config
+        if config.dp_mode == "off":
+            return fedavg(states, weights)
+        if config.dp_mode == "server":
+            states = [clipped(state, self._broadcast, config.dp_clipping_norm) for state in states]
+        state, stdv = noisy_mean(states, config.dp_clipping_norm, config.dp_noise_multiplier)
+        self._round["dp_noise_stdv"] = stdv
+        return state
+
+    def screen_replies(self, replies: list[Message]) -> tuple[list[Message], list[str]]:
+        """(usable replies in a content-defined order, 'node N: reason' for each dropped one).
+
+        The order makes the float sums of FedAvg independent of the order in which replies arrived, so a resumed
+        run aggregates bit for bit like an uninterrupted one.
+        """
+        max_norm = self.config.max_update_norm or math.inf
+        if self.config.dp_mode == "client":  # devices promised to clip: hold them to it (float16 rounding aside)
+            max_norm = min(max_norm, self.config.dp_clipping_norm * 1.001)
+        rules = UpdateRules(self._broadcast, self.config.wire_dtype, max_norm if max_norm < math.inf else 0.0,
+                            self.config.max_num_examples)
+        usable, problems = [], []
+        for msg in replies:
+            problem = reply_problem(msg, rules)
+            if problem is None:
+                usable.append(msg)
+            else:
+                problems.append(f"node {msg.metadata.src_node_id}: {problem}")
+                log(WARNING, "[fedpt-app] dropped the reply of node %d: %s", msg.metadata.src_node_id, problem)
+        return sorted(usable, key=content_digest), problems
 
     def server_step(self, server_round: int, state: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         """The algorithm's own work after aggregation; FedAvg has none."""
@@ -118,22 +217,32 @@ class FedAvgLora(FedAvg):
         return {f"rouge_l_{name}": scores.rouge_l, f"exact_match_{name}": scores.exact_match}
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower's `evaluate_fn`: runs after every round (and at round 0); writes the round's metrics row."""
+        """Flower's `evaluate_fn`: runs after every round (and at round 0); writes the round's metrics row and
+        the checkpoint."""
+        if server_round == 0 and self.resumed_round:
+            return None  # evaluated and recorded before the interruption
+        server_round += self.resumed_round
         eval_started = time.perf_counter()
         if server_round == 0:
             self._round = {"started": eval_started}
         scores = self.evaluate_models(server_round, from_array_record(arrays)) if self.evaluation_due(server_round) else {}
         finished = time.perf_counter()
         row = {"round": server_round, "algorithm": self.algorithm, "train_loss": None, "bytes_up": 0,
-               "bytes_down": 0, **{k: v for k, v in self._round.items() if k != "started"},
+               "bytes_down": 0, **{k: v for k, v in self._round.items() if k not in ("started", "sent")},
                "rouge_l_small": None, "rouge_l_proxy": None, "rouge_l_large": None, **scores, "eval_seconds": finished - eval_started,
                "round_seconds": finished - self._round["started"], "server_model_loads": sum(LOAD_COUNTS.values())}
         self.metrics.append(row, self.config.num_server_rounds)
+        if server_round > 0:
+            save_checkpoint(self.metrics.output_dir, Checkpoint.capture(server_round, from_array_record(arrays),
+                                                                        self.metrics.run_config))
         return MetricRecord({k: v for k, v in scores.items()}) if scores else None
 
     def finish(self, final_arrays: ArrayRecord) -> dict:
         """Save the final adapter (loadable with `PeftModel.from_pretrained`) and summary.json."""
-        load_adapter_state(self.model, from_array_record(final_arrays))
+        final_state = from_array_record(final_arrays)
+        load_adapter_state(self.model, final_state)
+        save_checkpoint(self.metrics.output_dir, Checkpoint.capture(self.config.num_server_rounds, final_state,
+                                                                    self.metrics.run_config, finished=True))
         adapter_dir = self.metrics.output_dir / "adapter"
         self.model.save_pretrained(adapter_dir)
         summary = self.metrics.write_summary({"algorithm": self.algorithm, "adapter_dir": str(adapter_dir),

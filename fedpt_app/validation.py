@@ -1,0 +1,80 @@
+"""Validation of client replies before aggregation: a bad reply is dropped with a reason, the others aggregate.
+
+A reply is usable only if it carries no error, exactly the adapter tensors the server sent (same keys, shapes, and
+the configured wire dtype), finite values, the scalar metrics a ClientApp sends with a sane `num-examples`, and an
+update (client adapter minus the broadcast one) whose L2 norm is within `max-update-norm`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from fedpt_app.messages import ARRAYS_KEY, METRICS_KEY
+
+REPLY_METRICS = ("num-examples", "train-loss", "train-seconds", "model-loads", "peak-rss-mb", "cuda-peak-mb")
+
+
+@dataclass(frozen=True)
+class UpdateRules:
+    """What a good reply looks like for one round."""
+
+    broadcast: dict[str, torch.Tensor]  # the adapter the server sent this round (float32)
+    wire_dtype: str
+    max_update_norm: float  # 0: no bound
+    max_num_examples: int
+
+
+def reply_problem(msg: Message, rules: UpdateRules) -> str | None:
+    """Why this reply cannot be aggregated, or None if it can."""
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    content = msg.content
+    arrays, metrics = content.get(ARRAYS_KEY), content.get(METRICS_KEY)
+    if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
+        return f"reply lacks the '{ARRAYS_KEY}' ArrayRecord or the '{METRICS_KEY}' MetricRecord"
+    if set(content) != {ARRAYS_KEY, METRICS_KEY}:
+        return f"reply holds unexpected records {sorted(set(content) - {ARRAYS_KEY, METRICS_KEY})}"
+    return _metrics_problem(metrics, rules) or _arrays_problem(arrays, rules)
+
+
+def _metrics_problem(metrics: MetricRecord, rules: UpdateRules) -> str | None:
+    if set(metrics) != set(REPLY_METRICS):
+        return f"metrics keys {sorted(metrics)}, expected {sorted(REPLY_METRICS)}"
+    for key in REPLY_METRICS:
+        value = metrics[key]
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"metric {key} is not a finite number: {value!r}"
+    examples = metrics["num-examples"]
+    if examples != int(examples) or not 1 <= examples <= rules.max_num_examples:
+        return f"num-examples {examples} is not an integer in [1, {rules.max_num_examples}] (max-num-examples)"
+    return None
+
+
+def _arrays_problem(arrays: ArrayRecord, rules: UpdateRules) -> str | None:
+    expected = rules.broadcast
+    if set(arrays) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        return f"adapter keys differ: missing {missing[:2]}, unexpected {unexpected[:2]}"
+    for key, array in arrays.items():
+        if array.dtype != np.dtype(rules.wire_dtype).name:
+            return f"{key} has dtype {array.dtype}, expected {rules.wire_dtype}"
+        if tuple(array.shape) != tuple(expected[key].shape):
+            return f"{key} has shape {tuple(array.shape)}, expected {tuple(expected[key].shape)}"
+        if not np.isfinite(array.numpy()).all():
+            return f"{key} holds NaN or infinite values"
+    norm = update_norm(arrays, expected)
+    if rules.max_update_norm and norm > rules.max_update_norm:
+        return f"update norm {norm:.4g} exceeds max-update-norm {rules.max_update_norm:g}"
+    return None
+
+
+def update_norm(arrays: ArrayRecord, broadcast: dict[str, torch.Tensor]) -> float:
+    """L2 norm of (client adapter − broadcast adapter) over all tensors."""
+    squared = sum(float((torch.from_numpy(array.numpy().astype(np.float32)) - broadcast[key]).double().pow(2).sum())
+                  for key, array in arrays.items())
+    return math.sqrt(squared)

@@ -1,7 +1,9 @@
 """FedAvg over the LoRA adapter of the small model: the baseline every other algorithm extends.
 
 Subclasses add their own server step after aggregation (`server_step`) and their own evaluations
-(`evaluate_models`); the round bookkeeping (learning-rate decay, bytes, timings, metrics.jsonl) lives here.
+(`evaluate_models`). What every algorithm shares lives here: the round's config and learning-rate decay, reply
+screening (`fedpt_app.validation`) and failure counting, the (optionally differentially private) average, the
+bookkeeping (bytes, timings, metrics.jsonl) and the per-round checkpoint that a rerun resumes from.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import resource
 
 import torch
@@ -12,6 +13,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from fedpt_app.config import RunConfig
 from fedpt_app.data.partition import PartitionSpec, load_partition
 from fedpt_app.data.prompts import TokenizedExample, tokenize_rows
+from fedpt_app.data.sources import read_rows_file
 from fedpt_app.messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from fedpt_app.models.loading import LOAD_COUNTS, load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, from_array_record, load_adapter_state, lora_model, to_array_record
@@ -19,10 +21,22 @@ from fedpt_app.training import train_lora
 
 
 @functools.cache
-def _local_examples(spec: PartitionSpec, partition_id: int, model_ref: str, max_length: int) -> tuple[TokenizedExample, ...]:
-    """This node's tokenized training rows, prepared once per process."""
-    rows = load_partition(spec, partition_id)
+def _local_examples(source: PartitionSpec | str, partition_id: int, model_ref: str,
+                    max_length: int) -> tuple[TokenizedExample, ...]:
+    """This node's tokenized training rows (its partition, or its own data file), prepared once per process."""
+    rows = read_rows_file(source) if isinstance(source, str) else load_partition(source, partition_id)
     return tuple(tokenize_rows(load_tokenizer(model_ref), rows, max_length))
+
+
+def local_data(context: Context, config: RunConfig) -> tuple[PartitionSpec | str, int]:
+    """Where this node's training data comes from, set by the simulation engine or the SuperNode's --node-config:
+    `data-file=PATH` (a .jsonl/.csv on this device) or `partition-id=N num-partitions=K` (a partition of the
+    configured dataset)."""
+    if "data-file" in context.node_config:
+        return str(context.node_config["data-file"]), 0
+    partition_id, num_partitions = partition_of(context)
+    return PartitionSpec(config.dataset, config.partitioner, num_partitions, config.dirichlet_alpha,
+                         config.classes_per_partition, config.test_fraction, config.seed), partition_id
 
 
 def partition_of(context: Context) -> tuple[int, int]:
@@ -30,8 +44,14 @@ def partition_of(context: Context) -> tuple[int, int]:
     try:
         return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     except KeyError as error:
-        raise ValueError("This node has no 'partition-id'/'num-partitions' in its node config; start the "
-                         "SuperNode with --node-config 'partition-id=N num-partitions=K'") from error
+        raise ValueError("This node has no 'partition-id'/'num-partitions' (nor a 'data-file') in its node "
+                         "config; start the SuperNode with --node-config 'partition-id=N num-partitions=K'") from error
+
+
+def use_node_model_cache(context: Context) -> None:
+    """`model-cache=DIR` in the node config: where this device keeps (and builds) its models."""
+    if "model-cache" in context.node_config:
+        os.environ["FEDPT_CACHE"] = str(context.node_config["model-cache"])
 
 
 def trained_model(config: RunConfig, role: str) -> tuple[str, str]:
@@ -61,12 +81,11 @@ def cuda_peak_mb() -> float:
 def train(msg: Message, context: Context) -> Message:
     """Apply the global adapter, train it on local data, reply with the adapter and scalar metrics only."""
     config = RunConfig.from_mapping(context.run_config)
-    partition_id, num_partitions = partition_of(context)
-    spec = PartitionSpec(config.dataset, config.partitioner, num_partitions, config.dirichlet_alpha,
-                         config.classes_per_partition, config.test_fraction, config.seed)
+    use_node_model_cache(context)
+    source, partition_id = local_data(context, config)
     round_config = msg.content[CONFIG_KEY]
     model_ref, quantization = trained_model(config, str(round_config.get("model", "small")))
-    examples = _local_examples(spec, partition_id, model_ref, config.max_length)
+    examples = _local_examples(source, partition_id, model_ref, config.max_length)
     model = lora_model(model_ref, LoraSpec.from_run_config(config), quantization, config.seed)
     tokenizer = load_tokenizer(model_ref)
     load_adapter_state(model, from_array_record(msg.content[ARRAYS_KEY]))

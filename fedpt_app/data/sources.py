@@ -105,6 +105,13 @@ def _read_local_file(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def read_rows_file(path: str) -> tuple[dict[str, str], ...]:
+    """All rows of a local .jsonl/.json/.csv file (e.g. the data a device holds), validated like any dataset."""
+    if Path(path).suffix not in (".jsonl", ".json", ".csv"):
+        raise DatasetError(f"Data file {path!r} must be .jsonl, .json or .csv")
+    return tuple(_read_local_file(Path(path)))
+
+
 def _read_with_datasets(ref: str) -> list[dict[str, str]]:
     """A hub id or a local dataset folder, through `datasets.load_dataset` (its first split)."""
     import datasets

@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 import os
 import resource
+from typing import TYPE_CHECKING
 
 import torch
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedpt_app.config import RunConfig
-from fedpt_app.data.partition import PartitionSpec, load_partition
 from fedpt_app.data.prompts import TokenizedExample, tokenize_rows
 from fedpt_app.data.sources import read_rows_file
 from fedpt_app.messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
@@ -19,12 +19,20 @@ from fedpt_app.models.loading import LOAD_COUNTS, load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, from_array_record, load_adapter_state, lora_model, to_array_record
 from fedpt_app.training import train_lora
 
+if TYPE_CHECKING:
+    from fedpt_app.data.partition import PartitionSpec
+
 
 @functools.cache
 def _local_examples(source: PartitionSpec | str, partition_id: int, model_ref: str,
                     max_length: int) -> tuple[TokenizedExample, ...]:
     """This node's tokenized training rows (its partition, or its own data file), prepared once per process."""
-    rows = read_rows_file(source) if isinstance(source, str) else load_partition(source, partition_id)
+    if isinstance(source, str):
+        rows = read_rows_file(source)
+    else:
+        from fedpt_app.data.partition import load_partition
+
+        rows = load_partition(source, partition_id)
     return tuple(tokenize_rows(load_tokenizer(model_ref), rows, max_length))
 
 
@@ -34,6 +42,10 @@ def local_data(context: Context, config: RunConfig) -> tuple[PartitionSpec | str
     configured dataset)."""
     if "data-file" in context.node_config:
         return str(context.node_config["data-file"]), 0
+    # imported here: datasets + flwr-datasets cost ~1 s per ClientApp task in deployment (a fresh process each
+    # round), which a device training on its own data file never needs
+    from fedpt_app.data.partition import PartitionSpec
+
     partition_id, num_partitions = partition_of(context)
     return PartitionSpec(config.dataset, config.partitioner, num_partitions, config.dirichlet_alpha,
                          config.classes_per_partition, config.test_fraction, config.seed), partition_id

@@ -92,9 +92,9 @@ def stop_local_superlink(flwr_home: Path, timeout: float = 15.0) -> list[int]:
     pids = local_superlink_pids(flwr_home)
     _signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    _signal_all([pid for pid in pids if _alive(pid)], signal.SIGKILL)
+    _signal_all([pid for pid in pids if process_alive(pid)], signal.SIGKILL)
     return pids
 
 
@@ -106,7 +106,7 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
             pass
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:  # a zombie still has /proc/<pid> but no longer holds sockets
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
     except (OSError, IndexError):
@@ -157,20 +157,25 @@ def run_simulation(run_config: str = "", *, num_supernodes: int = 4, client_cpus
                f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"]
     if run_config.strip():
         command += ["--run-config", run_config]
-    lines: list[str] = []
     try:
-        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line)
-                if echo is not None:
-                    echo.write(line)
-                    echo.flush()
-        log = "".join(lines)
-        match = _RUN_ID.search(log)
-        if match is None:
-            return SimulationOutcome(None, "not-started", f"flwr run exited with {proc.returncode}", log)
-        status, details = _run_status(match.group(1), env)
-        return SimulationOutcome(match.group(1), status, details, log)
+        return stream_flwr_run(command, env, echo)
     finally:
         stop_local_superlink(home)
+
+
+def stream_flwr_run(command: list[str], env: dict[str, str], echo: TextIO | None) -> SimulationOutcome:
+    """Run a `flwr run ... --stream` command, echo its log, and ask the SuperLink how the run really ended."""
+    lines: list[str] = []
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if echo is not None:
+                echo.write(line)
+                echo.flush()
+    log = "".join(lines)
+    match = _RUN_ID.search(log)
+    if match is None:
+        return SimulationOutcome(None, "not-started", f"flwr run exited with {proc.returncode}", log)
+    status, details = _run_status(match.group(1), env)
+    return SimulationOutcome(match.group(1), status, details, log)

@@ -1,0 +1,154 @@
+"""Local deployment: the topology of `docker/compose.yaml` as plain processes on loopback.
+
+One SuperLink and N SuperNodes (each starts its own SuperExec, which runs the ServerApp and the ClientApp tasks
+as subprocesses), insecure or with TLS and SuperNode authentication (the default). The same `flwr run` a real
+deployment uses, through a connection written into this deployment's own `FLWR_HOME/config.toml`. Every process
+is started here and stopped by its PID (SIGTERM, then SIGKILL), also when something fails.
+
+Used by `fedpt-app deploy-local`, tests/test_deployment.py and bench/deployment_vs_simulation.py.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from fedpt_app.models.loading import cache_root
+from fedpt_app.simulation import (PROJECT_DIR, SimulationOutcome, process_alive, flower_env, stream_flwr_run,
+                                  validate_overrides)
+
+CONNECTION = "fedpt-local"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LocalDeployment:
+    """SuperLink + N SuperNodes on 127.0.0.1; use as a context manager, then `run(...)`."""
+
+    def __init__(self, work_dir: Path, num_supernodes: int = 2, secure: bool = True, app_dir: Path = PROJECT_DIR,
+                 model_cache: Path | None = None) -> None:
+        self.work_dir, self.num_supernodes, self.secure, self.app_dir = work_dir, num_supernodes, secure, app_dir
+        self.model_cache = model_cache or cache_root()
+        self.credentials = work_dir / "credentials"
+        self.logs = work_dir / "logs"
+        self.env = flower_env(work_dir / "flwr-home")
+        self.port = free_port()
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.timings: dict[str, float] = {}
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    def __enter__(self) -> LocalDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        if self.secure:
+            subprocess.run(["bash", str(PROJECT_DIR / "scripts" / "make-certificates.sh"), str(self.credentials),
+                            str(self.num_supernodes)], check=True, capture_output=True, text=True)
+        self.timings["credentials_seconds"] = time.perf_counter() - started
+        self._write_connection()
+        started = time.perf_counter()
+        self._spawn("superlink", ["flower-superlink", *self._superlink_security(), "--host", "127.0.0.1",
+                                  "--port", str(self.port), "--database", str(self.work_dir / "superlink.db")])
+        self._wait_for_port(self.port, "superlink")
+        self.timings["superlink_start_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        for index in range(1, self.num_supernodes + 1):
+            if self.secure:
+                self.register(self.credentials / f"supernode-{index}.pub")
+            self.start_supernode(index)
+        self.timings["supernodes_start_seconds"] = time.perf_counter() - started
+
+    def stop(self) -> None:
+        """SIGTERM every process (SuperNodes first, so they sign off), then SIGKILL what is left."""
+        for name in sorted(self.processes, key=lambda name: name == "superlink"):
+            if self.processes[name].poll() is None:
+                self.processes[name].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def alive(self) -> list[str]:
+        return [name for name, process in self.processes.items() if process_alive(process.pid)]
+
+    # ---- processes --------------------------------------------------------------------------------------
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("w")
+        process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=self.work_dir)
+        self.processes[name] = process
+        return process
+
+    def _superlink_security(self) -> list[str]:
+        if not self.secure:
+            return ["--insecure"]
+        return ["--ssl-ca-certfile", str(self.credentials / "ca.crt"),
+                "--ssl-certfile", str(self.credentials / "superlink.crt"),
+                "--ssl-keyfile", str(self.credentials / "superlink.key"), "--enable-supernode-auth"]
+
+    def start_supernode(self, index: int, private_key: Path | None = None, name: str | None = None) -> subprocess.Popen:
+        """SuperNode `index` (1-based) holding partition index-1; `private_key` overrides its registered key."""
+        node_config = (f'partition-id={index - 1} num-partitions={self.num_supernodes} '
+                       f'model-cache="{self.model_cache}"')
+        security = ["--insecure"]
+        if self.secure:
+            security = ["--root-certificates", str(self.credentials / "ca.crt"), "--auth-supernode-private-key",
+                        str(private_key or self.credentials / f"supernode-{index}")]
+        return self._spawn(name or f"supernode-{index}",
+                           ["flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}",
+                            "--port", str(free_port()), "--node-config", node_config])
+
+    def register(self, public_key: Path) -> None:
+        """Add a SuperNode's public key to the SuperLink's list of devices allowed to join."""
+        subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION], env=self.env, check=True,
+                       capture_output=True, text=True, timeout=120)
+
+    def _write_connection(self) -> None:
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        security = 'insecure = true' if not self.secure else \
+            f'root-certificates = "{(self.credentials / "ca.crt").resolve()}"'
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                                          f'address = "127.0.0.1:{self.port}"\n{security}\n')
+
+    def _wait_for_port(self, port: int, name: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes[name].poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.processes[name].returncode}; see {self.logs / name}.log")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+
+    # ---- runs -------------------------------------------------------------------------------------------
+    def run(self, run_config: str = "", echo: TextIO | None = sys.stdout) -> SimulationOutcome:
+        """`flwr run APP fedpt-local --stream`, validated first; the outcome as the SuperLink reports it."""
+        validate_overrides(run_config, self.app_dir)
+        command = ["flwr", "run", str(self.app_dir), CONNECTION, "--stream"]
+        if run_config.strip():
+            command += ["--run-config", run_config]
+        return stream_flwr_run(command, self.env, echo)

@@ -1,7 +1,8 @@
 """Local deployment: the topology of `docker/compose.yaml` as plain processes on loopback.
 
-One SuperLink and N SuperNodes (each starts its own SuperExec, which runs the ServerApp and the ClientApp tasks
-as subprocesses), insecure or with TLS and SuperNode authentication (the default). The same `flwr run` a real
+One SuperLink with its ServerApp executor and N SuperNodes with their ClientApp executors (`flower-superexec`,
+`--isolation process`, exactly the services of the compose file), insecure or with TLS and SuperNode
+authentication (the default). The same `flwr run` a real
 deployment uses, through a connection written into this deployment's own `FLWR_HOME/config.toml`. Every process
 is started here and stopped by its PID (SIGTERM, then SIGKILL), also when something fails.
 
@@ -66,9 +67,14 @@ class LocalDeployment:
         self.timings["credentials_seconds"] = time.perf_counter() - started
         self._write_connection()
         started = time.perf_counter()
-        self._spawn("superlink", ["flower-superlink", *self._superlink_security(), "--host", "127.0.0.1",
-                                  "--port", str(self.port), "--database", str(self.work_dir / "superlink.db")])
+        self._spawn("superlink", ["flower-superlink", *self._superlink_security(), "--isolation", "process",
+                                  "--host", "127.0.0.1", "--port", str(self.port),
+                                  "--database", str(self.work_dir / "superlink.db")])
         self._wait_for_port(self.port, "superlink")
+        executor_security = (["--root-certificates", str(self.credentials / "ca.crt")] if self.secure
+                             else ["--insecure"])
+        self._spawn("serverapp", ["flower-superexec", *executor_security,
+                                  "--runtime-api-address", f"127.0.0.1:{self.port}"])
         self.timings["superlink_start_seconds"] = time.perf_counter() - started
         started = time.perf_counter()
         for index in range(1, self.num_supernodes + 1):
@@ -78,7 +84,7 @@ class LocalDeployment:
         self.timings["supernodes_start_seconds"] = time.perf_counter() - started
 
     def stop(self) -> None:
-        """SIGTERM every process (SuperNodes first, so they sign off), then SIGKILL what is left."""
+        """SIGTERM every process (executors and SuperNodes first, so they sign off), then SIGKILL what is left."""
         for name in sorted(self.processes, key=lambda name: name == "superlink"):
             if self.processes[name].poll() is None:
                 self.processes[name].send_signal(signal.SIGTERM)
@@ -116,9 +122,16 @@ class LocalDeployment:
         if self.secure:
             security = ["--root-certificates", str(self.credentials / "ca.crt"), "--auth-supernode-private-key",
                         str(private_key or self.credentials / f"supernode-{index}")]
-        return self._spawn(name or f"supernode-{index}",
-                           ["flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}",
-                            "--port", str(free_port()), "--node-config", node_config])
+        name = name or f"supernode-{index}"
+        runtime_port = free_port()
+        supernode = self._spawn(name, ["flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}",
+                                       "--isolation", "process", "--port", str(runtime_port),
+                                       "--node-config", node_config])
+        if private_key is None:  # a device expected to join gets its ClientApp executor
+            self._wait_for_port(runtime_port, name)
+            self._spawn(name.replace("supernode", "clientapp"),
+                        ["flower-superexec", "--insecure", "--runtime-api-address", f"127.0.0.1:{runtime_port}"])
+        return supernode
 
     def register(self, public_key: Path) -> None:
         """Add a SuperNode's public key to the SuperLink's list of devices allowed to join."""

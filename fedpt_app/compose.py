@@ -68,7 +68,9 @@ def compose_spec(num_supernodes: int) -> dict:
         services[f"clientapp-{index}"] = {
             "image": EXECUTOR_IMAGE,
             "command": ["--insecure", "--runtime-api-address", f"supernode-{index}:{RUNTIME_PORT}"],
-            "environment": ["FEDPT_CACHE=/cache", "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}"],
+            # the demo's devices share one host: without a thread cap, OpenMP threads oversubscribe the cores
+            "environment": ["FEDPT_CACHE=/cache", "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}",
+                            "OMP_NUM_THREADS=${CLIENTAPP_THREADS:-1}"],
             "volumes": ["model-cache:/cache"],
             "depends_on": [f"supernode-{index}", "serverapp"],
         }

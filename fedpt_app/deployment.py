@@ -45,6 +45,7 @@ class LocalDeployment:
         self.env = flower_env(work_dir / "flwr-home")
         self.port = free_port()
         self.processes: dict[str, subprocess.Popen] = {}
+        self._log_files: list = []
         self.timings: dict[str, float] = {}
 
     # ---- lifecycle --------------------------------------------------------------------------------------
@@ -85,17 +86,23 @@ class LocalDeployment:
         self.timings["supernodes_start_seconds"] = time.perf_counter() - started
 
     def stop(self) -> None:
-        """SIGTERM every process (executors and SuperNodes first, so they sign off), then SIGKILL what is left."""
-        for name in sorted(self.processes, key=lambda name: name == "superlink"):
-            if self.processes[name].poll() is None:
-                self.processes[name].send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        """SIGTERM the executors and SuperNodes first (so the nodes sign off), then the SuperLink; SIGKILL what is
+        still running after 15 s."""
+        others = [process for name, process in self.processes.items() if name != "superlink"]
+        superlink = [self.processes["superlink"]] if "superlink" in self.processes else []
+        for group in (others, superlink):
+            for process in group:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            for process in group:
+                try:
+                    process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for log in self._log_files:
+            log.close()
 
     def alive(self) -> list[str]:
         return [name for name, process in self.processes.items() if process_alive(process.pid)]
@@ -103,6 +110,7 @@ class LocalDeployment:
     # ---- processes --------------------------------------------------------------------------------------
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("w")
+        self._log_files.append(log)
         process = subprocess.Popen(command, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
                                    cwd=self.work_dir)
         self.processes[name] = process

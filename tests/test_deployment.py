@@ -3,7 +3,6 @@ insecure and with TLS + SuperNode authentication, 2 rounds of the default preset
 
 import json
 import subprocess
-import time
 
 import pytest
 

@@ -6,8 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord,
-                      RecordDict)
+from flwr.app import Array, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
 
 from fedpt_app.aggregation import fedavg
 from fedpt_app.checkpoint import (CHECKPOINT_FILE, Checkpoint, CheckpointError, load_checkpoint,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fedpt_app.deployment import LocalDeployment
 from fedpt_app.models.loading import tiny_preset_dir
+from fedpt_app.reporting import framework_seconds
 from fedpt_app.simulation import PROJECT_DIR, run_simulation
 
 RUN = "num-server-rounds=2 fraction-train=1.0"
@@ -30,8 +31,7 @@ def _rows(output: Path) -> list[dict]:
 
 
 def _framework(rows: list[dict]) -> list[float]:
-    return [row["round_seconds"] - row["client_train_seconds"] - row["server_step_seconds"] - row["eval_seconds"]
-            for row in rows if row["round"] > 0]
+    return [framework_seconds(row) for row in rows if row["round"] > 0]
 
 
 def _fresh_process_seconds(code: str, repeats: int = 3) -> float:

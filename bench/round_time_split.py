@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedpt_app.reporting import framework_seconds
 from fedpt_app.simulation import run_simulation
 
 
@@ -37,7 +38,7 @@ def main() -> int:
     totals = {"round": 0.0, "framework": 0.0, "train": 0.0, "server": 0.0, "eval": 0.0}
     for row in rows:
         train, server = row.get("client_train_seconds", 0.0), row.get("server_step_seconds", 0.0)
-        framework = max(0.0, row["round_seconds"] - train - server - row["eval_seconds"])
+        framework = max(0.0, framework_seconds(row))
         for key, value in (("round", row["round_seconds"]), ("framework", framework), ("train", train),
                            ("server", server), ("eval", row["eval_seconds"])):
             totals[key] += value
@@ -48,8 +49,7 @@ def main() -> int:
           f"{totals['server']:>8.2f} {totals['eval']:>7.2f} {100 * totals['framework'] / totals['round']:>10.1f}%")
     later = [r for r in rows if r["round"] >= 2]
     if later:
-        overhead = sum(r["round_seconds"] - r["client_train_seconds"] - r["eval_seconds"] - r["server_step_seconds"]
-                       for r in later) / len(later)
+        overhead = sum(framework_seconds(r) for r in later) / len(later)
         print(f"rounds >= 2: framework overhead {overhead:.2f} s per round "
               f"({overhead / (sum(r['round_seconds'] for r in later) / len(later)):.2f} of the round)")
     print(f"outputs: {output}")

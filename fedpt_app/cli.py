@@ -8,8 +8,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedpt_app.config import ConfigError
+
+if TYPE_CHECKING:
+    from fedpt_app.simulation import SimulationOutcome
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -26,7 +30,12 @@ def simulate(args: argparse.Namespace) -> int:
     """`flwr run . --stream` on simulated clients; exit status 0 only if the run completed."""
     from fedpt_app.simulation import run_simulation
 
-    outcome = run_simulation(args.run_config, num_supernodes=args.num_supernodes, client_cpus=args.client_cpus)
+    return _exit_status(run_simulation(args.run_config, num_supernodes=args.num_supernodes,
+                                       client_cpus=args.client_cpus))
+
+
+def _exit_status(outcome: SimulationOutcome) -> int:
+    """0 only if the run completed; otherwise say how it ended."""
     if outcome.succeeded:
         return 0
     print(f"\n[fedpt-app] run {outcome.run_id} ended as {outcome.status}: {outcome.details}", file=sys.stderr)
@@ -44,10 +53,7 @@ def deploy_local(args: argparse.Namespace) -> int:
         print(f"[fedpt-app] deployment in {work_dir} ({'insecure' if args.insecure else 'TLS + SuperNode auth'}): "
               f"SuperLink 127.0.0.1:{deployment.port}, {args.supernodes} SuperNodes; logs in {deployment.logs}")
         outcome = deployment.run(args.run_config)
-    if outcome.succeeded:
-        return 0
-    print(f"\n[fedpt-app] run {outcome.run_id} ended as {outcome.status}: {outcome.details}", file=sys.stderr)
-    return 1
+    return _exit_status(outcome)
 
 
 def compose(args: argparse.Namespace) -> int:

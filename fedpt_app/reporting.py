@@ -76,6 +76,13 @@ def _format_value(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def framework_seconds(row: dict[str, Any]) -> float:
+    """A round's time outside the slowest client's training, the server step and the central evaluation: message
+    passing, serialization, scheduling and, in deployment, each ClientApp task's process start, imports and load."""
+    return (row["round_seconds"] - row.get("client_train_seconds", 0.0) - row.get("server_step_seconds", 0.0)
+            - row["eval_seconds"])
+
+
 def _megabytes(count: int | None) -> str:
     return "- MB (not counted)" if count is None else f"{count / 1e6:.2f} MB"
 

@@ -37,6 +37,7 @@ from flwr.serverapp import Grid
 
 from fedpt_app.config import RunConfig
 from fedpt_app.messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from fedpt_app.models.lora import from_array_record
 from fedpt_app.strategies.fedavg import FedAvgLora, RoundFailedError
 
 
@@ -62,7 +63,6 @@ class LegacyBridge(Strategy):
         self.latest = initial_arrays
 
     def _to_parameters(self, arrays: ArrayRecord) -> Parameters:
-        self.keys = list(arrays)
         return ndarrays_to_parameters([array.numpy() for array in arrays.values()])
 
     def _to_arrays(self, parameters: Parameters) -> ArrayRecord:
@@ -89,8 +89,7 @@ class LegacyBridge(Strategy):
         server_round += self.strategy.resumed_round
         problems = [f"client failure: {failure}" for failure in failures]
         self.strategy.check_enough_replies(server_round, len(results) + len(failures), len(results), problems)
-        aggregate = OrderedDict((key, torch.from_numpy(array.numpy().astype(np.float32)))
-                                for key, array in self._to_arrays(results[0][1].parameters).items())
+        aggregate = from_array_record(self._to_arrays(results[0][1].parameters))
         if not all(torch.isfinite(tensor).all() for tensor in aggregate.values()):
             raise RoundFailedError(f"Round {server_round}: the securely aggregated adapter holds NaN or infinite "
                                    "values; a client sent a broken update, which secure aggregation hides.")

@@ -20,6 +20,14 @@ REPLY_METRICS = ("num-examples", "train-loss", "train-seconds", "model-loads", "
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """Why a reply cannot be aggregated (None: it can), and its update norm once its tensors were checked."""
+
+    problem: str | None = None
+    update_norm: float | None = None
+
+
+@dataclass(frozen=True)
 class UpdateRules:
     """What a good reply looks like for one round."""
 
@@ -29,17 +37,23 @@ class UpdateRules:
     max_num_examples: int
 
 
-def reply_problem(msg: Message, rules: UpdateRules) -> str | None:
-    """Why this reply cannot be aggregated, or None if it can."""
+def check_reply(msg: Message, rules: UpdateRules) -> Verdict:
+    """Whether this reply can be aggregated, and if its tensors were sound, the norm of its update."""
     if msg.has_error():
-        return f"client error: {msg.error.reason}"
+        return Verdict(f"client error: {msg.error.reason}")
     content = msg.content
     arrays, metrics = content.get(ARRAYS_KEY), content.get(METRICS_KEY)
     if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
-        return f"reply lacks the '{ARRAYS_KEY}' ArrayRecord or the '{METRICS_KEY}' MetricRecord"
+        return Verdict(f"reply lacks the '{ARRAYS_KEY}' ArrayRecord or the '{METRICS_KEY}' MetricRecord")
     if set(content) != {ARRAYS_KEY, METRICS_KEY}:
-        return f"reply holds unexpected records {sorted(set(content) - {ARRAYS_KEY, METRICS_KEY})}"
-    return _metrics_problem(metrics, rules) or _arrays_problem(arrays, rules)
+        return Verdict(f"reply holds unexpected records {sorted(set(content) - {ARRAYS_KEY, METRICS_KEY})}")
+    problem = _metrics_problem(metrics, rules) or _arrays_problem(arrays, rules)
+    if problem:
+        return Verdict(problem)
+    norm = update_norm(arrays, rules.broadcast)
+    if rules.max_update_norm and norm > rules.max_update_norm:
+        return Verdict(f"update norm {norm:.4g} exceeds max-update-norm {rules.max_update_norm:g}", norm)
+    return Verdict(None, norm)
 
 
 def _metrics_problem(metrics: MetricRecord, rules: UpdateRules) -> str | None:
@@ -67,9 +81,6 @@ def _arrays_problem(arrays: ArrayRecord, rules: UpdateRules) -> str | None:
             return f"{key} has shape {tuple(array.shape)}, expected {tuple(expected[key].shape)}"
         if not np.isfinite(array.numpy()).all():
             return f"{key} holds NaN or infinite values"
-    norm = update_norm(arrays, expected)
-    if rules.max_update_norm and norm > rules.max_update_norm:
-        return f"update norm {norm:.4g} exceeds max-update-norm {rules.max_update_norm:g}"
     return None
 
 

@@ -35,7 +35,7 @@ from fedpt_app.models.lora import (LoraSpec, adapter_state, from_array_record, l
                                    to_array_record)
 from fedpt_app.privacy import clipped, noisy_mean
 from fedpt_app.reporting import MetricsLog
-from fedpt_app.validation import UpdateRules, reply_problem, update_norm
+from fedpt_app.validation import UpdateRules, check_reply
 
 
 def content_digest(msg: Message) -> str:
@@ -120,7 +120,7 @@ class FedAvgLora(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.resumed_round
         replies = list(replies)
-        usable, problems = self.screen_replies(replies)
+        usable, problems, norms = self.screen_replies(replies)
         timeouts = self.check_enough_replies(server_round, len(replies), len(usable), problems)
         metrics = [msg.content[METRICS_KEY] for msg in usable]
         weights = [float(record["num-examples"]) for record in metrics]
@@ -128,7 +128,7 @@ class FedAvgLora(FedAvg):
         self._round.update({
             "failures": sum(msg.has_error() for msg in replies) + timeouts,
             "rejected": sum(not msg.has_error() for msg in replies) - len(usable), "problems": problems,
-            "update_norm_max": max(update_norm(msg.content[ARRAYS_KEY], self._broadcast) for msg in usable),
+            "update_norm_max": max(norms),
             "bytes_up": sum(msg.content[ARRAYS_KEY].count_bytes() for msg in usable),
         })
         return self.complete_round(server_round, global_state, metrics)
@@ -175,8 +175,9 @@ class FedAvgLora(FedAvg):
         self._round["dp_noise_stdv"] = stdv
         return state
 
-    def screen_replies(self, replies: list[Message]) -> tuple[list[Message], list[str]]:
-        """(usable replies in a content-defined order, 'node N: reason' for each dropped one).
+    def screen_replies(self, replies: list[Message]) -> tuple[list[Message], list[str], list[float]]:
+        """(usable replies in a content-defined order, 'node N: reason' for each dropped one, the usable replies'
+        update norms).
 
         The order makes the float sums of FedAvg independent of the order in which replies arrived, so a resumed
         run aggregates bit for bit like an uninterrupted one.
@@ -186,15 +187,17 @@ class FedAvgLora(FedAvg):
             max_norm = min(max_norm, self.config.dp_clipping_norm * 1.001)
         rules = UpdateRules(self._broadcast, self.config.wire_dtype, max_norm if max_norm < math.inf else 0.0,
                             self.config.max_num_examples)
-        usable, problems = [], []
+        usable, problems, norms = [], [], []
         for msg in replies:
-            problem = reply_problem(msg, rules)
-            if problem is None:
+            verdict = check_reply(msg, rules)
+            if verdict.problem is None:
                 usable.append(msg)
+                norms.append(verdict.update_norm)
             else:
-                problems.append(f"node {msg.metadata.src_node_id}: {problem}")
-                log(WARNING, "[fedpt-app] dropped the reply of node %d: %s", msg.metadata.src_node_id, problem)
-        return sorted(usable, key=content_digest), problems
+                problems.append(f"node {msg.metadata.src_node_id}: {verdict.problem}")
+                log(WARNING, "[fedpt-app] dropped the reply of node %d: %s", msg.metadata.src_node_id,
+                    verdict.problem)
+        return sorted(usable, key=content_digest), problems, norms
 
     def server_step(self, server_round: int, state: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         """The algorithm's own work after aggregation; FedAvg has none."""
@@ -227,7 +230,8 @@ class FedAvgLora(FedAvg):
         eval_started = time.perf_counter()
         if server_round == 0:
             self._round = {"started": eval_started}
-        scores = self.evaluate_models(server_round, from_array_record(arrays)) if self.evaluation_due(server_round) else {}
+        state = from_array_record(arrays)
+        scores = self.evaluate_models(server_round, state) if self.evaluation_due(server_round) else {}
         finished = time.perf_counter()
         row = {"round": server_round, "algorithm": self.algorithm, "train_loss": None, "bytes_up": 0,
                "bytes_down": 0, **{k: v for k, v in self._round.items() if k not in ("started", "sent")},
@@ -235,8 +239,7 @@ class FedAvgLora(FedAvg):
                "round_seconds": finished - self._round["started"], "server_model_loads": sum(LOAD_COUNTS.values())}
         self.metrics.append(row, self.config.num_server_rounds)
         if server_round > 0:
-            save_checkpoint(self.metrics.output_dir, Checkpoint.capture(server_round, from_array_record(arrays),
-                                                                        self.metrics.run_config))
+            save_checkpoint(self.metrics.output_dir, Checkpoint.capture(server_round, state, self.metrics.run_config))
         return MetricRecord({k: v for k, v in scores.items()}) if scores else None
 
     def finish(self, final_arrays: ArrayRecord) -> dict:

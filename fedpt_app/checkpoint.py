@@ -3,14 +3,15 @@
 It holds what the next round depends on: the global adapter after the last completed round, that round's number,
 the server's RNG states (Flower samples clients with Python's `random`) and the run config it belongs to. FedPT's
 distillation carries no other state across rounds (a fresh optimizer each round, batches seeded by the round, and
-a round-invariant teacher cache that is rebuilt exactly), so the adapter is its whole state too.
+a round-invariant teacher cache that is rebuilt exactly), so the adapter is its whole state too; FedPFT adds the
+sub-FM's aligned FFN weights (`server_state`).
 """
 
 from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,13 @@ class Checkpoint:
     finished: bool = False
     python_rng: tuple | None = None
     torch_rng: torch.Tensor | None = None
+    server_state: dict[str, torch.Tensor] = field(default_factory=dict)  # an algorithm's other state (FedPFT: FFNs)
 
     @classmethod
     def capture(cls, completed_round: int, adapter: dict[str, torch.Tensor], run_config: dict[str, Any],
-                finished: bool = False) -> Checkpoint:
-        return cls(completed_round, adapter, run_config, finished, random.getstate(), torch.get_rng_state())
+                finished: bool = False, server_state: dict[str, torch.Tensor] | None = None) -> Checkpoint:
+        return cls(completed_round, adapter, run_config, finished, random.getstate(), torch.get_rng_state(),
+                   dict(server_state or {}))
 
     def restore_rng(self) -> None:
         if self.python_rng is not None:
@@ -52,7 +55,8 @@ def save_checkpoint(output_dir: Path, checkpoint: Checkpoint) -> Path:
     with temporary.open("wb") as handle:
         torch.save({"completed_round": checkpoint.completed_round, "finished": checkpoint.finished,
                     "adapter": dict(checkpoint.adapter), "run_config": checkpoint.run_config,
-                    "python_rng": checkpoint.python_rng, "torch_rng": checkpoint.torch_rng}, handle)
+                    "python_rng": checkpoint.python_rng, "torch_rng": checkpoint.torch_rng,
+                    "server_state": checkpoint.server_state}, handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
@@ -72,7 +76,8 @@ def load_checkpoint(output_dir: Path) -> Checkpoint | None:
     try:
         raw = torch.load(path, weights_only=True)
         return Checkpoint(int(raw["completed_round"]), dict(raw["adapter"]), dict(raw["run_config"]),
-                          bool(raw["finished"]), _as_rng_state(raw["python_rng"]), raw["torch_rng"])
+                          bool(raw["finished"]), _as_rng_state(raw["python_rng"]), raw["torch_rng"],
+                          dict(raw.get("server_state", {})))
     except Exception as error:
         raise CheckpointError(f"Cannot read the checkpoint {path}: {error}. Move it away to start this output-dir "
                               "afresh.") from error

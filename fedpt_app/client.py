@@ -48,7 +48,7 @@ def local_data(context: Context, config: RunConfig) -> tuple[PartitionSpec | str
 
     partition_id, num_partitions = partition_of(context)
     return PartitionSpec(config.dataset, config.partitioner, num_partitions, config.dirichlet_alpha,
-                         config.classes_per_partition, config.test_fraction, config.seed), partition_id
+                         config.classes_per_partition, config.test_fraction, config.seed, config.task), partition_id
 
 
 def partition_of(context: Context) -> tuple[int, int]:

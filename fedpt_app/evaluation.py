@@ -8,6 +8,7 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from rouge_score import rouge_scorer
 from transformers import PreTrainedTokenizerBase
 
@@ -59,3 +60,18 @@ def evaluate_generation(new_step: Callable[[], StepFn], tokenizer: PreTrainedTok
         predictions += decode(new_step(), tokenizer, prompts[start:start + batch_size], config)
     rouge_l, exact_match = score(predictions, [row["response"] for row in rows])
     return GenerationScores(rouge_l, exact_match, predictions)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, examples: Sequence[dict], *, batch_size: int, pad_token_id: int) -> float:
+    """Percent of encoded examples whose argmax logit is the label."""
+    from fedpt_app.data.classification import batches
+
+    device = next(model.parameters()).device
+    model.eval()
+    correct = 0
+    for batch in batches(examples, batch_size, pad_token_id):
+        labels = batch.pop("labels").to(device)
+        logits = model(**{key: value.to(device) for key, value in batch.items()}).logits
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+    return 100.0 * correct / len(examples)

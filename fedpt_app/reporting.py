@@ -11,8 +11,10 @@ from typing import Any
 
 from flwr.common.logger import log
 
-ROUND_LINE_FIELDS = ("train_loss", "kd_loss", "rouge_l_small", "rouge_l_proxy", "rouge_l_large")
-MODEL_NAMES = ("small", "proxy", "large")
+ROUND_LINE_FIELDS = ("train_loss", "kd_loss", "align_loss", "rouge_l_small", "rouge_l_proxy", "rouge_l_large",
+                     "accuracy_full", "accuracy_sub")
+SCORE_PREFIXES = ("rouge_l_", "accuracy_")  # the headline metrics: summary.json reports the best of each
+DEFAULT_SCORES = ("rouge_l_small", "rouge_l_proxy", "rouge_l_large")
 
 
 class MetricsLog:
@@ -50,9 +52,10 @@ class MetricsLog:
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
         evaluated = [row for row in self.rows if row["round"] > 0 and _has_scores(row)]
-        best = {f"best_rouge_l_{name}": max((row[f"rouge_l_{name}"] for row in evaluated
-                                             if row.get(f"rouge_l_{name}") is not None), default=None)
-                for name in MODEL_NAMES}
+        names = sorted({key for row in self.rows for key in row if key.startswith(SCORE_PREFIXES)}
+                       or DEFAULT_SCORES)
+        best = {f"best_{name}": max((row[name] for row in evaluated if row.get(name) is not None), default=None)
+                for name in names}
         summary = {
             "rounds": max((row["round"] for row in self.rows), default=0),
             "final": evaluated[-1] if evaluated else None,
@@ -67,7 +70,7 @@ class MetricsLog:
 
 
 def _has_scores(row: dict[str, Any]) -> bool:
-    return any(row.get(f"rouge_l_{name}") is not None for name in MODEL_NAMES)
+    return any(value is not None for key, value in row.items() if key.startswith(SCORE_PREFIXES))
 
 
 def _format_value(value: Any) -> str:

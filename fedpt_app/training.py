@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from fedpt_app.data.prompts import TokenizedExample, batches
+from fedpt_app.data.prompts import batches
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,11 @@ class TrainResult:
     seconds: float
 
 
-def train_lora(model: torch.nn.Module, examples: Sequence[TokenizedExample], *, epochs: int, lr: float,
-               batch_size: int, pad_token_id: int, seed: int, description: str = "local training") -> TrainResult:
-    """Train the model's trainable parameters (the adapter) in place."""
+def train_lora(model: torch.nn.Module, examples: Sequence, *, epochs: int, lr: float, batch_size: int,
+               pad_token_id: int, seed: int, description: str = "local training",
+               make_batches: Callable[..., Iterator[dict[str, torch.Tensor]]] = batches) -> TrainResult:
+    """Train the model's trainable parameters (the adapter, and a classifier's head) in place; the batches carry
+    their labels, so `model(**batch).loss` is the task's loss."""
     if not examples:
         raise ValueError("No training examples: every example was empty or cut off by max-length")
     device = next(model.parameters()).device
@@ -35,7 +37,7 @@ def train_lora(model: torch.nn.Module, examples: Sequence[TokenizedExample], *, 
     started, losses = time.perf_counter(), []
     with tqdm(total=epochs * steps_per_epoch, desc=description, disable=not sys.stderr.isatty(), leave=False) as bar:
         for _ in range(epochs):
-            for batch in batches(examples, batch_size, pad_token_id, generator):
+            for batch in make_batches(examples, batch_size, pad_token_id, generator):
                 loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

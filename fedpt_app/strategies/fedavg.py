@@ -22,6 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from peft import PeftModel
 
 from fedpt_app.aggregation import fedavg
 from fedpt_app.checkpoint import Checkpoint, resumable_checkpoint, save_checkpoint
@@ -54,23 +55,29 @@ class RoundFailedError(RuntimeError):
 class FedAvgLora(FedAvg):
     algorithm = "fedavg"
     trained_role = "small"  # which of the pair the clients LoRA-tune: "small" or "large"
+    score_names = ("rouge_l_small", "rouge_l_proxy", "rouge_l_large")  # every metrics.jsonl row has these keys
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(fraction_train=config.fraction_train, fraction_evaluate=0.0,
                          min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_train_nodes,
                          arrayrecord_key=ARRAYS_KEY, configrecord_key=CONFIG_KEY)
         self.config = config
-        self.model_ref = config.large_model if self.trained_role == "large" else config.small_model
-        self.tokenizer = load_tokenizer(self.model_ref)
-        self.model = lora_model(self.model_ref, LoraSpec.from_run_config(config), self.quantization, config.seed)
-        self.test_rows = load_test_rows(config.dataset, config.test_dataset, config.test_fraction,
-                                        config.seed)[:config.eval_samples]
+        self.load_task()
         run_config = dataclasses.asdict(config)
         self.checkpoint = resumable_checkpoint(config.output_path(), run_config)
         self.resumed_round = self.checkpoint.completed_round if self.checkpoint else 0
         self.metrics = MetricsLog(config.output_path(), run_config, keep_rounds_upto=self.resumed_round)
         self._round: dict = {}
         self._broadcast: dict[str, torch.Tensor] = {}
+
+    def load_task(self) -> None:
+        """The trained model (`self.model`, a peft model whose adapter travels) and the evaluation data."""
+        config = self.config
+        self.model_ref = config.large_model if self.trained_role == "large" else config.small_model
+        self.tokenizer = load_tokenizer(self.model_ref)
+        self.model = lora_model(self.model_ref, LoraSpec.from_run_config(config), self.quantization, config.seed)
+        self.test_rows = load_test_rows(config.dataset, config.test_dataset, config.test_fraction,
+                                        config.seed)[:config.eval_samples]
 
     @property
     def quantization(self) -> str:
@@ -83,8 +90,16 @@ class FedAvgLora(FedAvg):
             log(INFO, "[fedpt-app] resuming from the checkpoint of round %d in %s", self.resumed_round,
                 self.metrics.output_dir)
             self.checkpoint.restore_rng()
+            self.restore_server_state(self.checkpoint.server_state)
             return to_array_record(self.checkpoint.adapter, "float32")
         return to_array_record(adapter_state(self.model), "float32")
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """State besides the adapter that the next round depends on (checkpointed with it); FedAvg has none."""
+        return {}
+
+    def restore_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back `server_state()` from the checkpoint of an interrupted run."""
 
     @property
     def rounds_left(self) -> int:
@@ -185,8 +200,7 @@ class FedAvgLora(FedAvg):
         max_norm = self.config.max_update_norm or math.inf
         if self.config.dp_mode == "client":  # devices promised to clip: hold them to it (float16 rounding aside)
             max_norm = min(max_norm, self.config.dp_clipping_norm * 1.001)
-        rules = UpdateRules(self._broadcast, self.config.wire_dtype, max_norm if max_norm < math.inf else 0.0,
-                            self.config.max_num_examples)
+        rules = self.update_rules(max_norm if max_norm < math.inf else 0.0)
         usable, problems, norms = [], [], []
         for msg in replies:
             verdict = check_reply(msg, rules)
@@ -198,6 +212,10 @@ class FedAvgLora(FedAvg):
                 log(WARNING, "[fedpt-app] dropped the reply of node %d: %s", msg.metadata.src_node_id,
                     verdict.problem)
         return sorted(usable, key=content_digest), problems, norms
+
+    def update_rules(self, max_norm: float) -> UpdateRules:
+        """What a usable reply looks like this round (0: no norm bound)."""
+        return UpdateRules(self._broadcast, self.config.wire_dtype, max_norm, self.config.max_num_examples)
 
     def server_step(self, server_round: int, state: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         """The algorithm's own work after aggregation; FedAvg has none."""
@@ -235,21 +253,27 @@ class FedAvgLora(FedAvg):
         finished = time.perf_counter()
         row = {"round": server_round, "algorithm": self.algorithm, "train_loss": None, "bytes_up": 0,
                "bytes_down": 0, **{k: v for k, v in self._round.items() if k not in ("started", "sent")},
-               "rouge_l_small": None, "rouge_l_proxy": None, "rouge_l_large": None, **scores, "eval_seconds": finished - eval_started,
+               **dict.fromkeys(self.score_names), **scores, "eval_seconds": finished - eval_started,
                "round_seconds": finished - self._round["started"], "server_model_loads": sum(LOAD_COUNTS.values())}
         self.metrics.append(row, self.config.num_server_rounds)
         if server_round > 0:
-            save_checkpoint(self.metrics.output_dir, Checkpoint.capture(server_round, state, self.metrics.run_config))
+            save_checkpoint(self.metrics.output_dir, Checkpoint.capture(server_round, state, self.metrics.run_config,
+                                                                        server_state=self.server_state()))
         return MetricRecord({k: v for k, v in scores.items()}) if scores else None
+
+    def model_to_save(self, state: OrderedDict[str, torch.Tensor]) -> PeftModel:
+        """The peft model whose adapter `finish` saves, carrying the final state."""
+        load_adapter_state(self.model, state)
+        return self.model
 
     def finish(self, final_arrays: ArrayRecord) -> dict:
         """Save the final adapter (loadable with `PeftModel.from_pretrained`) and summary.json."""
         final_state = from_array_record(final_arrays)
-        load_adapter_state(self.model, final_state)
+        saved_model = self.model_to_save(final_state)
         save_checkpoint(self.metrics.output_dir, Checkpoint.capture(self.config.num_server_rounds, final_state,
                                                                     self.metrics.run_config, finished=True))
         adapter_dir = self.metrics.output_dir / "adapter"
-        self.model.save_pretrained(adapter_dir)
+        saved_model.save_pretrained(adapter_dir)
         summary = self.metrics.write_summary({"algorithm": self.algorithm, "adapter_dir": str(adapter_dir),
                                               "adapter_base_model": self.model_ref,
                                               "small_model": self.config.small_model,

@@ -75,6 +75,8 @@ def build_emulator(model: nn.Module, layout: EmulatorLayout) -> nn.Module:
     setattr(emulator.get_submodule(parent_name) if parent_name else emulator, child,
             nn.ModuleList([blocks[index] for index in keep]))
     emulator.config.num_hidden_layers = len(keep)
+    if getattr(emulator.config, "fedpt_ffn_modules", None):  # FFN names found on the full model, per block
+        emulator.config.fedpt_ffn_modules = [emulator.config.fedpt_ffn_modules[index] for index in keep]
     return emulator
 
 

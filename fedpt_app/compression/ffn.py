@@ -106,10 +106,10 @@ def _is_adapter(name: str) -> bool:
     return any(part.startswith("lora_") for part in name.split("."))
 
 
-def find_ffns(model: nn.Module) -> list[FFN]:
-    """Every block's FFN, in layer order."""
+def _discover(model: nn.Module) -> list[list[str | None]]:
+    """[up, gate, down] names per block, found by shape on an unpruned model (d_ff != hidden)."""
     hidden = hidden_size(model)
-    ffns = []
+    names = []
     for layer, block in enumerate(transformer_blocks(model)):
         projections = {name: _in_out(module) for name, module in block.named_modules()
                        if isinstance(module, (nn.Linear, Conv1D)) and not _is_adapter(name)}
@@ -124,8 +124,21 @@ def find_ffns(model: nn.Module) -> list[FFN]:
         if len(rest) != 1 or len(gates) > 1:
             raise FFNNotFoundError(f"Layer {layer} of {type(model).__name__}: cannot tell the FFN's up projection "
                                    f"among {ups or 'none'}")
-        ffns.append(FFN(layer, block, up_name=rest[0], down_name=downs[0], gate_name=gates[0] if gates else None))
-    return ffns
+        names.append([rest[0], gates[0] if gates else None, downs[0]])
+    return names
+
+
+def find_ffns(model: nn.Module) -> list[FFN]:
+    """Every block's FFN, in layer order. The module names found on the unpruned model are kept in its config
+    (`fedpt_ffn_modules`, which travels with a model package): a pruned FFN may be exactly `hidden` wide, and
+    shape alone could then not tell it from attention."""
+    names = getattr(model.config, "fedpt_ffn_modules", None)
+    if names is None:
+        names = _discover(model)
+        model.config.fedpt_ffn_modules = names
+    blocks = transformer_blocks(model)
+    return [FFN(layer, block, up_name=up, gate_name=gate, down_name=down)
+            for layer, (block, (up, gate, down)) in enumerate(zip(blocks, names, strict=True))]
 
 
 def neuron_saliency(ffn: FFN) -> torch.Tensor:

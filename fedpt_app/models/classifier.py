@@ -51,8 +51,9 @@ class ModelPackage:
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> ModelPackage:
+        widths = ffn_widths(model)  # first: finding the FFNs records their names in the config
         config = model.config.to_dict()
-        config["fedpt_ffn_widths"] = ffn_widths(model)
+        config["fedpt_ffn_widths"] = widths
         state = OrderedDict((key, tensor.detach().cpu().float().clone()) for key, tensor in model.state_dict().items())
         return cls(json.dumps(config, sort_keys=True), state)
 

@@ -1,0 +1,57 @@
+"""Classification data: the offline Rotten Tomatoes source, local files with clear errors, label-skew partitions."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedpt_app.data.classification import collate, encode_rows, load_classification_splits, read_classification_file
+from fedpt_app.data.partition import PartitionSpec, load_partition
+from fedpt_app.data.sources import DatasetError
+from fedpt_app.models.loading import load_tokenizer
+
+
+def test_rotten_tomatoes_splits_are_disjoint_and_unlabeled_where_public():
+    splits = load_classification_splits("rotten-tomatoes", "", 0.1, 0)
+    assert splits.label_names == ("rotten", "fresh")
+    assert len(splits.train) + len(splits.public) + len(splits.test) == 12_808  # the critic snippets, no plots
+    assert len(splits.test) == len(splits.public) == 1280
+    assert {row["label"] for row in splits.train} == {0, 1} and {row["label"] for row in splits.public} == {-1}
+    texts = [{row["text"] for row in split} for split in (splits.train, splits.public, splits.test)]
+    assert not (texts[0] & texts[2]) or len(texts[0] & texts[2]) < 20  # a few critics repeat a snippet verbatim
+
+
+def test_local_files_number_label_names_and_name_the_bad_line(tmp_path):
+    good = tmp_path / "reviews.csv"
+    good.write_text("text,label\ngreat film,pos\ndull,neg\nfine,pos\n")
+    rows, names = read_classification_file(str(good))
+    assert names == ("neg", "pos") and [row["label"] for row in rows] == [1, 0, 1]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"text": "a question?", "text_pair": "an answer", "label": 1}\n{"text": "", "label": 0}\n')
+    with pytest.raises(DatasetError, match=r"pairs.jsonl:2: missing or empty 'text'"):
+        read_classification_file(str(pairs))
+    with pytest.raises(DatasetError, match="does not exist"):
+        read_classification_file(str(tmp_path / "missing.csv"))
+
+
+def test_sentence_pairs_are_encoded_together_and_padded(tmp_path):
+    tokenizer = load_tokenizer("all-minilm-l6-v2")
+    encoded = encode_rows(tokenizer, [{"text": "is it good?", "text_pair": "yes it is", "label": 1},
+                                      {"text": "no", "text_pair": "bad", "label": 0}], 16)
+    batch = collate(encoded, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == batch["token_type_ids"].shape == batch["attention_mask"].shape
+    assert batch["token_type_ids"][0].max() == 1 and batch["labels"].tolist() == [1, 0]
+    assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()
+
+
+def _label_share_spread(alpha: float) -> float:
+    spec = PartitionSpec("rotten-tomatoes", "dirichlet", 10, dirichlet_alpha=alpha, seed=0, task="classification")
+    shares = []
+    for partition_id in range(10):
+        labels = [row["label"] for row in load_partition(spec, partition_id)]
+        shares.append(sum(labels) / len(labels))
+    return max(shares) - min(shares)
+
+
+def test_dirichlet_label_skew_with_flwr_datasets_shrinks_as_alpha_grows():
+    spreads = [_label_share_spread(alpha) for alpha in (1.0, 5.0, 10.0)]
+    assert spreads[0] > spreads[1] > spreads[2] > 0.0, spreads

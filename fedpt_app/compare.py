@@ -1,4 +1,5 @@
-"""`fedpt-app compare`: several algorithms on the same partitions and seed, one table, one Rouge-L plot."""
+"""`fedpt-app compare`: several algorithms on the same partitions and seed, one table, one plot (Rouge-L for the
+instruction-tuning algorithms, accuracy for the classification ones)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedpt_app.config import ALGORITHMS, ConfigError
+from fedpt_app.config import ALGORITHMS, CLASSIFICATION_ALGORITHMS, GENERATION_ALGORITHMS, ConfigError
 from fedpt_app.simulation import run_simulation, validate_overrides
 
 MODELS = ("small", "proxy", "large")
-COLORS = {"fedavg": "#1f77b4", "fedavg-pt": "#ff7f0e", "fedpt": "#d62728", "fedavg-large": "#2ca02c"}
-DASHES = {"small": "", "proxy": "", "large": "6,4"}
+COLORS = {"fedavg": "#1f77b4", "fedavg-pt": "#ff7f0e", "fedpt": "#d62728", "fedavg-large": "#2ca02c",
+          "fedpft": "#d62728", "fedot": "#1f77b4", "fedpetuning": "#2ca02c"}
+DASHES = {"small": "", "proxy": "", "large": "6,4", "full": "", "sub": "6,4"}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -62,8 +64,39 @@ def markdown_table(summaries: Sequence[dict], untuned: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def svg_plot(curves: dict[str, list[tuple[int, float]]], num_rounds: int, width: int = 640, height: int = 400) -> str:
-    """A plain SVG line chart of Rouge-L against rounds (no plotting dependency)."""
+def accuracy_summary_row(algorithm: str, rows: Sequence[dict]) -> dict:
+    trained = [row for row in rows if row["round"] > 0]
+    final = next((row for row in reversed(trained) if row.get("accuracy_full") is not None), {})
+    return {
+        "algorithm": algorithm, "accuracy_full": final.get("accuracy_full"), "accuracy_sub": final.get("accuracy_sub"),
+        "best_accuracy_full": max((row["accuracy_full"] for row in trained if row.get("accuracy_full") is not None),
+                                  default=None),
+        "model_bytes_down": sum(row.get("bytes_down_model") or 0 for row in trained),
+        "adapter_bytes_per_client_round": sum(row["bytes_up"] for row in trained) / max(
+            sum(row.get("clients", 1) for row in trained), 1),
+        "alignments": sum(1 for row in trained if row.get("align_loss") is not None),
+        "client_peak_rss_mb": max((row.get("client_peak_rss_mb") or 0.0 for row in trained), default=0.0),
+        "seconds": sum(row.get("round_seconds", 0.0) for row in rows),
+    }
+
+
+def accuracy_table(summaries: Sequence[dict], untuned: dict) -> str:
+    lines = ["| algorithm | accuracy full FM (final) | best | accuracy on the client base (final) | "
+             "model MB sent to clients (all rounds) | adapter KB per client per round (each way) | alignments | "
+             "client peak RSS MB | run seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    if untuned:
+        lines.append(f"| untuned head (round 0) | {_cell(untuned.get('accuracy_full'))} | - | - | - | - | - | - | - |")
+    for s in summaries:
+        lines.append(f"| {s['algorithm']} | {_cell(s['accuracy_full'])} | {_cell(s['best_accuracy_full'])} | "
+                     f"{_cell(s['accuracy_sub'])} | {s['model_bytes_down'] / 1e6:.1f} | "
+                     f"{s['adapter_bytes_per_client_round'] / 1e3:.1f} | {s['alignments']} | "
+                     f"{s['client_peak_rss_mb']:.0f} | {s['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def svg_plot(curves: dict[str, list[tuple[int, float]]], num_rounds: int, width: int = 640, height: int = 400,
+             y_label: str = "Rouge-L F1") -> str:
+    """A plain SVG line chart of a score against rounds (no plotting dependency)."""
     left, right, top, bottom = 56, 170, 20, 44
     values = [v for points in curves.values() for _, v in points] or [0.0, 1.0]
     low, high = max(0.0, min(values) - 5), min(100.0, max(values) + 5)
@@ -75,7 +108,7 @@ def svg_plot(curves: dict[str, list[tuple[int, float]]], num_rounds: int, width:
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
              f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">round</text>',
              f'<text x="14" y="{(top + height - bottom) / 2}" transform="rotate(-90 14 {(top + height - bottom) / 2})" '
-             'text-anchor="middle">Rouge-L F1</text>']
+             f'text-anchor="middle">{y_label}</text>']
     for r in range(num_rounds + 1):
         parts.append(f'<text x="{x(r):.1f}" y="{height - bottom + 16}" text-anchor="middle">{r}</text>')
     for tick in range(5):
@@ -98,6 +131,9 @@ def run_comparison(algorithms: Sequence[str], run_config: str, output: Path, num
     unknown = [name for name in algorithms if name not in ALGORITHMS]
     if unknown or not algorithms:
         raise ConfigError(f"Unknown algorithm(s) {unknown}; choose from {ALGORITHMS}")
+    if len({name in CLASSIFICATION_ALGORITHMS for name in algorithms}) > 1:
+        raise ConfigError(f"compare either instruction-tuning algorithms {GENERATION_ALGORITHMS} or classification "
+                          f"ones {CLASSIFICATION_ALGORITHMS}, not both: they are scored differently")
     if "algorithm=" in run_config or "output-dir=" in run_config:
         raise ConfigError("compare sets 'algorithm' and 'output-dir' itself; leave them out of --run-config")
     output = output.expanduser().resolve()
@@ -118,6 +154,8 @@ def run_comparison(algorithms: Sequence[str], run_config: str, output: Path, num
 
 
 def write_report(metrics: dict[str, list[dict]], output: Path, num_rounds: int) -> None:
+    if any(name in CLASSIFICATION_ALGORITHMS for name in metrics):
+        return write_accuracy_report(metrics, output, num_rounds)
     untuned: dict = {}
     for rows in metrics.values():
         untuned |= {k: v for k, v in rows[0].items() if k.startswith(("rouge_l_", "exact_match_")) and v is not None}
@@ -131,3 +169,19 @@ def write_report(metrics: dict[str, list[dict]], output: Path, num_rounds: int) 
     (output / "rouge_l.svg").write_text(svg_plot(curves, num_rounds))
     print(table)
     print(f"[fedpt-app compare] wrote {output / 'comparison.md'} and {output / 'rouge_l.svg'}")
+
+
+def write_accuracy_report(metrics: dict[str, list[dict]], output: Path, num_rounds: int) -> None:
+    untuned = {"accuracy_full": next(iter(metrics.values()))[0].get("accuracy_full")} if metrics else {}
+    summaries = [accuracy_summary_row(name, rows) for name, rows in metrics.items()]
+    table = accuracy_table(summaries, untuned)
+    curves = {f"{name} / {model}": [(row["round"], row[f"accuracy_{model}"]) for row in rows
+                                    if row.get(f"accuracy_{model}") is not None]
+              for name, rows in metrics.items() for model in ("full", "sub")}
+    curves = {label: points for label, points in curves.items() if len(points) > 1}
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "comparison.md").write_text(table)
+    (output / "comparison.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    (output / "accuracy.svg").write_text(svg_plot(curves, num_rounds, y_label="accuracy (%)"))
+    print(table)
+    print(f"[fedpt-app compare] wrote {output / 'comparison.md'} and {output / 'accuracy.svg'}")

@@ -173,3 +173,50 @@ def test_classification_config_is_validated():
     config = RunConfig.from_mapping({"algorithm": "fedpft"})
     assert (config.foundation_model, config.dataset, config.partitioner) == ("all-minilm-l6-v2", "rotten-tomatoes",
                                                                              "dirichlet")
+
+
+def test_apoz_replies_are_validated():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    from fedpt_app.messages import APOZ_KEY, ARRAYS_KEY, METRICS_KEY
+    from fedpt_app.models.lora import to_array_record
+    from fedpt_app.validation import UpdateRules, check_reply
+    from tests.test_reliability import GOOD_METRICS, _received
+
+    state = {"lora_A": torch.zeros(2, 4)}
+    rules = UpdateRules(state, "float32", 0.0, 1000, apoz_widths={"layer-1": 3})
+
+    def reply(counts, tokens=10.0, with_apoz=True):
+        records = {ARRAYS_KEY: to_array_record(state, "float32"),
+                   METRICS_KEY: MetricRecord({"num-examples": 5, **GOOD_METRICS})}
+        if with_apoz:
+            records[APOZ_KEY] = ArrayRecord({"layer-1": Array(np.array(counts, dtype=np.float64)),
+                                             "tokens": Array(np.array([tokens]))})
+        return _received(7, RecordDict(records))
+
+    assert check_reply(reply([0, 3, 10]), rules).problem is None
+    assert "integer counts" in check_reply(reply([0, 3, 11]), rules).problem  # more zeros than tokens
+    assert "shape" in check_reply(reply([0, 3]), rules).problem
+    assert "positive integer" in check_reply(reply([0, 0, 0], tokens=0.0), rules).problem
+    assert "records" in check_reply(reply([0, 0, 0], with_apoz=False), rules).problem
+
+
+def test_a_derived_base_is_built_once_per_recipe(tmp_path, monkeypatch):
+    from fedpt_app.models.classifier import cached_base
+
+    monkeypatch.setenv("FEDPT_CACHE", str(tmp_path))
+    builds = []
+
+    def build():
+        builds.append(1)
+        model = tiny_bert(hidden=8, ffn=12)
+        compress(model, [1], 0.75)
+        return model
+
+    first = cached_base({"kind": "sub-fm", "ratio": 0.75}, build)
+    second = cached_base({"kind": "sub-fm", "ratio": 0.75}, build)
+    cached_base({"kind": "sub-fm", "ratio": 0.5}, build)
+    assert len(builds) == 2
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.allclose(first(input_ids=ids).logits, second(input_ids=ids).logits, atol=1e-6)

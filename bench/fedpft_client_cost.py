@@ -1,0 +1,126 @@
+"""Client cost of FedPFT (sub-FM) vs FedPETuning (full FM) vs FedOT (emulator): training step time, peak memory
+and bytes on the wire, on the offline MiniLM + Rotten Tomatoes preset (or any foundation model).
+
+    python bench/fedpft_client_cost.py [--model all-minilm-l6-v2] [--steps 20] [--batch-size 16] [--max-length 64]
+                                       [--rounds 100] [--align-interval 10]
+
+The server side builds each base (pruning / layer drop only: distillation changes values, not cost) and writes it
+as the package a device receives; each device side then runs in its own fresh process, as a device would: rebuild
+the base from the package, attach LoRA, train `--steps` AdamW steps on Rotten Tomatoes batches. Step time excludes
+a warm-up step. Peak RSS is over the whole process; "model + training" subtracts the RSS after imports.
+The FedPFT paper claims the sub-FM needs about half of the full FM's compute (BERT-base: 81M -> 47M transformer
+parameters at ratio 0.75 on 10 of 12 layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+DEVICE = r"""
+import json, resource, sys, time
+import torch
+from fedpt_app.data.classification import batches, encode_rows, load_classification_splits
+from fedpt_app.models.classifier import ModelPackage, lora_classifier
+from fedpt_app.models.loading import load_tokenizer
+from fedpt_app.models.lora import LoraSpec
+from fedpt_app.training import train_lora
+
+package_file, model_ref, steps, batch_size, max_length = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+layers = json.loads(sys.argv[6])
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+tokenizer = load_tokenizer(model_ref)
+rows = load_classification_splits("rotten-tomatoes").train[:(steps + 1) * batch_size]
+examples = encode_rows(tokenizer, rows, max_length)
+after_imports = rss()
+saved = torch.load(package_file, weights_only=True)
+model = lora_classifier(ModelPackage(saved["config_json"], saved["state"]).build(), LoraSpec(8, 16.0), 0, layers)
+common = dict(epochs=1, lr=1e-3, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, seed=0,
+              make_batches=batches)
+train_lora(model, examples[:batch_size], **common)  # warm-up step
+result = train_lora(model, examples[batch_size:], **common)
+print(json.dumps({"params": sum(p.numel() for p in model.parameters()),
+                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  "peak_rss_mb": rss(), "model_training_mb": rss() - after_imports,
+                  "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
+                  "step_seconds": result.seconds / result.steps}))
+"""
+
+
+def build_bases(model_ref: str, ratio: float) -> dict:
+    """{name: (base model, LoRA layers or None, FFN update bytes per alignment)} as each algorithm's server builds."""
+    from fedpt_app.compression.alignment import ffn_parameters
+    from fedpt_app.compression.emulator import EmulatorLayout, build_emulator
+    from fedpt_app.compression.ffn import compress, find_ffns, transformer_blocks
+    from fedpt_app.config import RunConfig
+    from fedpt_app.models.classifier import load_classifier
+
+    full = load_classifier(model_ref, 2)
+    layers = RunConfig().compressed_layer_indices(len(transformer_blocks(full)))
+    sub = copy.deepcopy(full)
+    compress(sub, layers, ratio)
+    ffn_bytes = 4 * sum(p.numel() for layer in layers for p in ffn_parameters(find_ffns(sub)[layer], with_norms=False))
+    layout = EmulatorLayout.choose(len(transformer_blocks(full)))
+    return {"FedPETuning (full FM)": (full, None, 0), f"FedPFT (sub-FM, ratio {ratio})": (sub, None, ffn_bytes),
+            f"FedOT (emulator {layout.adapter_layers}+{layout.emulator_layers}+{layout.adapter_layers})":
+                (build_emulator(full, layout), layout.emulator_adapter_layers, 0)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="all-minilm-l6-v2")
+    parser.add_argument("--compress-ratio", type=float, default=0.75)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=100, help="rounds a client takes part in, for the totals")
+    parser.add_argument("--align-interval", type=int, default=10)
+    args = parser.parse_args()
+
+    import torch
+
+    from fedpt_app.models.classifier import ModelPackage, lora_classifier
+    from fedpt_app.models.lora import LoraSpec, adapter_state, to_array_record
+
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, (base, lora_layers, ffn_bytes) in build_bases(args.model, args.compress_ratio).items():
+            package = ModelPackage.of(base)
+            package_file = Path(folder) / "package.pt"
+            torch.save({"config_json": package.config_json, "state": dict(package.state)}, package_file)
+            adapter = to_array_record(adapter_state(lora_classifier(copy.deepcopy(base), LoraSpec(8, 16.0), 0,
+                                                                    lora_layers)), "float32").count_bytes()
+            done = subprocess.run([sys.executable, "-c", DEVICE, str(package_file), args.model, str(args.steps),
+                                   str(args.batch_size), str(args.max_length), json.dumps(lora_layers)],
+                                  capture_output=True, text=True, check=True)
+            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            alignments = args.rounds // args.align_interval if ffn_bytes else 0
+            results[name] = {**measured, "model_bytes": package.to_array_record().count_bytes(),
+                             "adapter_bytes": adapter, "ffn_update_bytes": ffn_bytes,
+                             "total_bytes": package.to_array_record().count_bytes() + 2 * args.rounds * adapter
+                             + alignments * ffn_bytes}
+    reference = results[next(iter(results))]
+    print(f"Client cost per device, {args.model}, batch {args.batch_size} x {args.max_length} tokens, "
+          f"{args.steps} steps; bytes over {args.rounds} rounds, FedPFT aligning every {args.align_interval}")
+    print("| method | params | trainable | step (s) | vs full | model+training MB | vs full | peak RSS MB | "
+          "model down (MB, once) | adapter per round (MB, each way) | FFN update per alignment (MB) | "
+          "total (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['params'] / 1e6:.1f}M | {r['trainable'] / 1e3:.0f}K | {r['step_seconds']:.3f} | "
+              f"{r['step_seconds'] / reference['step_seconds']:.2f}x | {r['model_training_mb']:.0f} | "
+              f"{r['model_training_mb'] / reference['model_training_mb']:.2f}x | {r['peak_rss_mb']:.0f} | "
+              f"{r['model_bytes'] / 1e6:.1f} | {r['adapter_bytes'] / 1e6:.3f} | {r['ffn_update_bytes'] / 1e6:.2f} | "
+              f"{r['total_bytes'] / 1e6:.1f} |")
+    if any(r["cuda_peak_mb"] for r in results.values()):
+        print("CUDA peak MB: " + ", ".join(f"{name} {r['cuda_peak_mb']:.0f}" for name, r in results.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

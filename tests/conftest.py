@@ -55,3 +55,20 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 def tiny_large_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A bigger model with the same tokenizer: a small/large pair for proxy-tuning."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-large"), tiny_tokenizer, hidden=48, layers=3, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny BERT encoder (4 layers, hidden 32, FFN 64) with the packaged MiniLM tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from fedpt_app.models.packaged import packaged_folder
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(packaged_folder("all-minilm-l6-v2"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

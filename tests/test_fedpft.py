@@ -220,3 +220,37 @@ def test_a_derived_base_is_built_once_per_recipe(tmp_path, monkeypatch):
     assert len(builds) == 2
     ids = torch.tensor([[1, 2, 3]])
     assert torch.allclose(first(input_ids=ids).logits, second(input_ids=ids).logits, atol=1e-6)
+
+
+def test_fedpft_sends_each_client_what_it_lacks_and_checkpoints_its_aligned_ffns(tiny_bert_dir, tmp_path,
+                                                                                 monkeypatch):
+    from fedpt_app.messages import BASE_MODEL_KEY, FFN_UPDATE_KEY
+    from fedpt_app.models.lora import from_array_record
+    from fedpt_app.strategies.fedpft import FedPFT
+
+    monkeypatch.setenv("FEDPT_CACHE", str(tmp_path / "cache"))
+    config = RunConfig.from_mapping({"algorithm": "fedpft", "foundation-model": str(tiny_bert_dir),
+                                     "align-steps": 2, "align-round-steps": 3, "public-samples": 32,
+                                     "max-length": 16, "eval-samples": 16, "output-dir": str(tmp_path / "out")})
+    strategy = FedPFT(config)
+    assert set(strategy.deliveries(5)) == {BASE_MODEL_KEY}  # a new client gets the sub-FM
+    strategy.holders[5] = 0
+    assert strategy.deliveries(5) == {}  # sent once
+    # an alignment round: APoZ from clients, then neuron-level distillation of the highest-APoZ half
+    state = from_array_record(strategy.initial_arrays())
+    before = {k: v.clone() for k, v in strategy.ffn_state().items()}
+    strategy._counting, strategy._round = True, {}
+    strategy._apoz = ({layer: torch.arange(16, dtype=torch.float64) for layer in strategy.layers}, 100)
+    strategy.server_step(1, state)
+    assert strategy.base_version == 1 and strategy._round["align_loss"] >= 0.0
+    after = strategy.ffn_state()
+    up = next(key for key in after if "layer.1.intermediate.dense.weight" in key)
+    assert torch.equal(after[up][:8], before[up][:8])  # the lower-APoZ half stays frozen
+    assert not torch.equal(after[up][8:], before[up][8:])
+    assert set(strategy.deliveries(5)) == {FFN_UPDATE_KEY}  # an older copy gets the changed FFNs only
+    assert set(strategy.deliveries(6)) == {BASE_MODEL_KEY, FFN_UPDATE_KEY}
+    # the aligned FFNs are part of the checkpoint: a restarted server takes them back
+    restarted = FedPFT(config)
+    restarted.restore_server_state(strategy.server_state())
+    assert restarted.base_version == 1
+    assert all(torch.equal(restarted.ffn_state()[key], after[key]) for key in after)

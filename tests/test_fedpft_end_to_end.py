@@ -6,29 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification
 
 from fedpt_app.compression.ffn import compress
 from fedpt_app.models.classifier import ModelPackage, load_classifier
-from fedpt_app.models.packaged import packaged_folder
 from fedpt_app.simulation import run_simulation, validate_overrides
 
 QUICK = ("num-server-rounds=2 fraction-train=1.0 local-epochs=1 max-length=32 eval-samples=128 public-samples=64 "
          "align-steps=4 align-round-steps=2 align-interval=1")
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(packaged_folder("all-minilm-l6-v2"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _simulate(tmp_path, tiny_bert_dir, overrides: str):

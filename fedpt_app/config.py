@@ -206,7 +206,8 @@ class RunConfig:
     def _validate(self) -> None:
         _check(self.algorithm in ALGORITHMS, f"algorithm={self.algorithm!r}; choose one of {ALGORITHMS}")
         _check(self.preset in PRESETS, f"preset={self.preset!r}; choose one of {sorted(PRESETS)}")
-        _check(self.partitioner in PARTITIONERS + ("",), f"partitioner={self.partitioner!r}; choose one of {PARTITIONERS}")
+        _check(self.partitioner in PARTITIONERS + ("",),
+               f"partitioner={self.partitioner!r}; choose one of {PARTITIONERS} (or \"\" for the task's default)")
         _check(self.large_model_quantization in QUANTIZATIONS,
                f"large-model-quantization={self.large_model_quantization!r}; choose one of {QUANTIZATIONS}")
         _check(self.wire_dtype in WIRE_DTYPES, f"wire-dtype={self.wire_dtype!r}; choose one of {WIRE_DTYPES}")

@@ -23,7 +23,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from fedpt_app.compression.ffn import ffn_widths, resize_ffns
-from fedpt_app.models.loading import LOAD_COUNTS, ModelLoadError, cache_root, default_device, file_lock, resolve_model_ref
+from fedpt_app.models.loading import (LOAD_COUNTS, ModelLoadError, cache_root, default_device, file_lock,
+                                     resolve_model_ref)
 from fedpt_app.models.lora import LoraSpec
 
 

@@ -20,7 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from fedpt_app.models.packaged import PACKAGED_FOLDERS, PACKAGED_GGUF, PackagedModelMissing, joined_gguf, packaged_folder
+from fedpt_app.models.packaged import (PACKAGED_FOLDERS, PACKAGED_GGUF, PackagedModelMissing, joined_gguf,
+                                      packaged_folder)
 
 transformers_logging.disable_progress_bar()  # one "Loading weights" bar per process only clutters the run log
 

@@ -67,10 +67,11 @@ def markdown_table(summaries: Sequence[dict], untuned: dict) -> str:
 def accuracy_summary_row(algorithm: str, rows: Sequence[dict]) -> dict:
     trained = [row for row in rows if row["round"] > 0]
     final = next((row for row in reversed(trained) if row.get("accuracy_full") is not None), {})
+    evaluated = [row["accuracy_full"] for row in trained if row.get("accuracy_full") is not None]
     return {
         "algorithm": algorithm, "accuracy_full": final.get("accuracy_full"), "accuracy_sub": final.get("accuracy_sub"),
-        "best_accuracy_full": max((row["accuracy_full"] for row in trained if row.get("accuracy_full") is not None),
-                                  default=None),
+        "best_accuracy_full": max(evaluated, default=None),
+        "last3_accuracy_full": sum(evaluated[-3:]) / len(evaluated[-3:]) if evaluated else None,
         "model_bytes_down": sum(row.get("bytes_down_model") or 0 for row in trained),
         "adapter_bytes_per_client_round": sum(row["bytes_up"] for row in trained) / max(
             sum(row.get("clients", 1) for row in trained), 1),
@@ -81,13 +82,15 @@ def accuracy_summary_row(algorithm: str, rows: Sequence[dict]) -> dict:
 
 
 def accuracy_table(summaries: Sequence[dict], untuned: dict) -> str:
-    lines = ["| algorithm | accuracy full FM (final) | best | accuracy on the client base (final) | "
+    lines = ["| algorithm | accuracy full FM (final) | mean of the last 3 evaluations | best | "
+             "accuracy on the client base (final) | "
              "model MB sent to clients (all rounds) | adapter KB per client per round (each way) | alignments | "
-             "client peak RSS MB | run seconds |", "|---|---|---|---|---|---|---|---|---|"]
+             "client peak RSS MB | run seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     if untuned:
-        lines.append(f"| untuned head (round 0) | {_cell(untuned.get('accuracy_full'))} | - | - | - | - | - | - | - |")
+        lines.append(f"| untuned head (round 0) | {_cell(untuned.get('accuracy_full'))} |" + " - |" * 8)
     for s in summaries:
-        lines.append(f"| {s['algorithm']} | {_cell(s['accuracy_full'])} | {_cell(s['best_accuracy_full'])} | "
+        lines.append(f"| {s['algorithm']} | {_cell(s['accuracy_full'])} | {_cell(s['last3_accuracy_full'])} | "
+                     f"{_cell(s['best_accuracy_full'])} | "
                      f"{_cell(s['accuracy_sub'])} | {s['model_bytes_down'] / 1e6:.1f} | "
                      f"{s['adapter_bytes_per_client_round'] / 1e3:.1f} | {s['alignments']} | "
                      f"{s['client_peak_rss_mb']:.0f} | {s['seconds']:.0f} |")

@@ -254,3 +254,36 @@ def test_fedpft_sends_each_client_what_it_lacks_and_checkpoints_its_aligned_ffns
     restarted.restore_server_state(strategy.server_state())
     assert restarted.base_version == 1
     assert all(torch.equal(restarted.ffn_state()[key], after[key]) for key in after)
+
+
+def _architectures():
+    """name -> builder of (a tiny config-built model, inputs for one forward)."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MPNetConfig,
+                              MPNetForSequenceClassification, RobertaConfig, RobertaForSequenceClassification,
+                              ViTConfig, ViTForImageClassification)
+
+    size = dict(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=40)
+    return {
+        "bert": lambda: (tiny_bert(layers=4, hidden=16, ffn=40), {"input_ids": torch.tensor([[1, 2, 3]])}),
+        "roberta": lambda: (RobertaForSequenceClassification(RobertaConfig(vocab_size=50, **size)),
+                    {"input_ids": torch.tensor([[3, 4, 5]])}),
+        "mpnet": lambda: (MPNetForSequenceClassification(MPNetConfig(vocab_size=50, **size)),
+                  {"input_ids": torch.tensor([[3, 4, 5]])}),
+        "vit": lambda: (ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, **size)),
+                {"pixel_values": torch.randn(1, 3, 8, 8)}),
+        "gpt2": lambda: (GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=4, n_head=2, n_inner=40,
+                                            bos_token_id=0, eos_token_id=0)), {"input_ids": torch.tensor([[1, 2]])}),
+        "llama": lambda: (LlamaForCausalLM(LlamaConfig(vocab_size=50, num_key_value_heads=1, **size)),
+                  {"input_ids": torch.tensor([[1, 2]])}),
+    }
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "mpnet", "vit", "gpt2", "llama"])
+def test_ffns_are_found_by_structure_and_pruned_in_every_architecture(name):
+    model, inputs = _architectures()[name]()
+    ffns = find_ffns(model)
+    assert len(ffns) == 4 and all(ffn.width == 40 for ffn in ffns)
+    assert (ffns[0].gate_name is not None) == (name == "llama")
+    compress(model, RunConfig().compressed_layer_indices(4), 0.75)
+    assert [ffn.width for ffn in find_ffns(model)] == [40, 10, 10, 40]
+    model.eval()(**inputs)  # the pruned model still runs

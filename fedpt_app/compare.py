@@ -152,7 +152,7 @@ def run_comparison(algorithms: Sequence[str], run_config: str, output: Path, num
             print(f"[fedpt-app compare] {name} ended as {outcome.status}: {outcome.details}", flush=True)
             all_ok = False
     finished = {name: read_metrics(d) for name, d in runs.items() if (d / "summary.json").exists()}
-    write_report(finished, output, validate_overrides(run_config).num_server_rounds)
+    write_report(finished, output, validate_overrides(f"{run_config} algorithm='{algorithms[0]}'").num_server_rounds)
     return all_ok
 
 

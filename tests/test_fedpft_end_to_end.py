@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
+from flwr.app import Array, ArrayRecord
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from fedpt_app.compression.ffn import compress
+from fedpt_app.compression.alignment import ffn_parameters
+from fedpt_app.compression.ffn import compress, find_ffns
 from fedpt_app.models.classifier import ModelPackage, load_classifier
 from fedpt_app.simulation import run_simulation, validate_overrides
 
@@ -35,8 +37,14 @@ def test_fedpft_sends_the_sub_fm_once_aligns_with_client_apoz_and_reports_both_a
     sub = load_classifier(str(tiny_bert_dir), 2)
     compress(sub, [1, 2], 0.75)
     assert rows[1]["bytes_down_model"] == 3 * _package_bytes(sub)  # the sub-FM, to each of the 3 clients
-    # round 2: only the FFN weights that round 1's alignment changed (layers 1 and 2: W1 16x32 + b1 16 + W2 32x16)
-    assert rows[2]["bytes_down_model"] == 3 * 2 * (16 * 32 + 16 + 32 * 16) * 4
+    # round 2: only the FFN tensors of the layers round 1's alignment changed (layers 1 and 2: W1 16x32, b1, W2 32x16,
+    # b2), as an ArrayRecord (count_bytes includes each array's name and header)
+    names = {id(parameter): name for name, parameter in sub.named_parameters()}
+    ffns = find_ffns(sub)
+    update = ArrayRecord({names[id(p)]: Array(p.detach().numpy()) for layer in (1, 2)
+                          for p in ffn_parameters(ffns[layer], with_norms=False)})
+    assert sum(array.numpy().size for array in update.values()) == 2 * (16 * 32 + 16 + 32 * 16 + 32)
+    assert rows[2]["bytes_down_model"] == 3 * update.count_bytes()
     for row in rows[1:]:
         assert row["failures"] == 0 and row["rejected"] == 0
         assert row["align_loss"] >= 0.0 and 0.0 < row["apoz_mean"] < 1.0

@@ -1,17 +1,14 @@
-"""Flower ClientApp entry point (thin): the work lives in fedpt_app.client."""
+"""Flower ClientApp entry point (thin): the device task of the run's method family does the work."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpt_app import classifier_client, client
-from fedpt_app.config import CLASSIFICATION, GENERATION, RunConfig
-from fedpt_app.privacy import clip_when_asked_mod
-from fedpt_app.secure_aggregation import secure_aggregation_mod
+from fedpt_app.device import dispatch
+from fedpt_app.device.mods import clip_when_asked_mod, secure_aggregation_mod
 
 app = ClientApp(mods=[secure_aggregation_mod, clip_when_asked_mod])
-TASKS = {GENERATION: client.train, CLASSIFICATION: classifier_client.train}
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return TASKS[RunConfig.from_mapping(context.run_config).task](msg, context)
+    return dispatch.train(msg, context)

@@ -1,9 +1,9 @@
-"""Flower ServerApp entry point (thin): the work lives in fedpt_app.server."""
+"""Flower ServerApp entry point (thin): the work lives in fedpt_app.federation.server."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpt_app.server import run_server
+from fedpt_app.federation.server import run_server
 
 app = ServerApp()
 

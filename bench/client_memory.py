@@ -18,28 +18,31 @@ import sys
 CLIENT = r"""
 import json, resource, sys, time
 import torch
-from fedpt_app.client import trained_model
-from fedpt_app.data.partition import PartitionSpec, load_partition
-from fedpt_app.data.prompts import tokenize_rows
+from fedpt_app.device.partition import PartitionSpec, load_partition
+from fedpt_app.device.training import train_lora
+from fedpt_app.instruct.data import training_rows
+from fedpt_app.instruct.device_task import PARTITION_COLUMN, trained_model
+from fedpt_app.instruct.prompts import batches, tokenize_rows
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, lora_model, to_array_record
-from fedpt_app.simulation import validate_overrides
-from fedpt_app.training import train_lora
+from fedpt_app.tools.simulation import validate_overrides
 
 run_config, role, partitions, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 config = validate_overrides(run_config)
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 after_imports = rss()
 ref, quantization = trained_model(config, role)
-spec = PartitionSpec(config.dataset, config.partitioner, partitions, config.dirichlet_alpha,
-                     config.classes_per_partition, config.test_fraction, config.seed)
+data, training = config.data, config.training
+spec = PartitionSpec(data.dataset, data.partitioner, partitions, PARTITION_COLUMN, data.dirichlet_alpha,
+                     data.classes_per_partition, data.test_fraction, config.seed)
 tokenizer = load_tokenizer(ref)
-examples = tokenize_rows(tokenizer, load_partition(spec, 0), config.max_length)[:steps * config.batch_size]
-model = lora_model(ref, LoraSpec.from_run_config(config), quantization, config.seed)
+examples = tokenize_rows(tokenizer, load_partition(spec, 0, training_rows),
+                         training.max_length)[:steps * training.batch_size]
+model = lora_model(ref, LoraSpec.from_settings(config.lora), quantization, config.seed)
 began = time.perf_counter()
-result = train_lora(model, examples, epochs=1, lr=config.lr, batch_size=config.batch_size,
+result = train_lora(model, examples, batches, epochs=1, lr=training.lr, batch_size=training.batch_size,
                     pad_token_id=tokenizer.pad_token_id, seed=0)
-payload = to_array_record(adapter_state(model), config.wire_dtype).count_bytes()
+payload = to_array_record(adapter_state(model), config.federation.wire_dtype).count_bytes()
 print(json.dumps({"model": ref, "params": sum(p.numel() for p in model.parameters()),
                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                   "rss_after_imports_mb": after_imports, "peak_rss_mb": rss(),

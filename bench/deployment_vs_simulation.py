@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedpt_app.deployment import LocalDeployment
+from fedpt_app.federation.metrics_log import framework_seconds
 from fedpt_app.models.loading import tiny_preset_dir
-from fedpt_app.reporting import framework_seconds
-from fedpt_app.simulation import PROJECT_DIR, run_simulation
+from fedpt_app.tools.deployment import LocalDeployment
+from fedpt_app.tools.simulation import PROJECT_DIR, run_simulation
 
 RUN = "num-server-rounds=2 fraction-train=1.0"
 

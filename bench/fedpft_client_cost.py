@@ -28,11 +28,11 @@ from pathlib import Path
 DEVICE = r"""
 import gc, json, sys, time
 import torch
-from fedpt_app.data.classification import batches, encode_rows, load_classification_splits
-from fedpt_app.models.classifier import ModelPackage, lora_classifier
+from fedpt_app.classify.data import batches, encode_rows, load_classification_splits
+from fedpt_app.classify.models import ModelPackage, lora_classifier
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec
-from fedpt_app.training import train_lora
+from fedpt_app.device.training import train_lora
 
 package_file, model_ref, steps, batch_size, max_length = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 layers = json.loads(sys.argv[6])
@@ -52,8 +52,8 @@ baseline = reset_peak()
 saved = torch.load(package_file, weights_only=True)
 model = lora_classifier(ModelPackage(saved["config_json"], saved["state"]).build(), LoraSpec(8, 16.0), 0, layers)
 del saved  # the received tensors were copied into the model
-common = dict(epochs=1, lr=1e-3, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, seed=0,
-              make_batches=batches)
+common = dict(make_batches=batches, epochs=1, lr=1e-3, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id,
+              seed=0)
 gc.collect()
 loaded_peak, before_training = status_mb("VmHWM"), reset_peak()
 train_lora(model, examples[:batch_size], **common)  # warm-up step
@@ -69,14 +69,14 @@ print(json.dumps({"params": sum(p.numel() for p in model.parameters()),
 
 def build_bases(model_ref: str, ratio: float) -> dict:
     """{name: (base model, LoRA layers or None, FFN update bytes per alignment)} as each algorithm's server builds."""
-    from fedpt_app.compression.alignment import ffn_parameters
-    from fedpt_app.compression.emulator import EmulatorLayout, build_emulator
-    from fedpt_app.compression.ffn import compress, find_ffns, transformer_blocks
+    from fedpt_app.classify.compression.alignment import ffn_parameters
+    from fedpt_app.classify.compression.emulator import EmulatorLayout, build_emulator
+    from fedpt_app.classify.compression.ffn import compress, find_ffns, transformer_blocks
+    from fedpt_app.classify.models import load_classifier
     from fedpt_app.config import RunConfig
-    from fedpt_app.models.classifier import load_classifier
 
     full = load_classifier(model_ref, 2)
-    layers = RunConfig().compressed_layer_indices(len(transformer_blocks(full)))
+    layers = RunConfig().classify.compressed_layer_indices(len(transformer_blocks(full)))
     sub = copy.deepcopy(full)
     compress(sub, layers, ratio)
     ffn_bytes = 4 * sum(p.numel() for layer in layers for p in ffn_parameters(find_ffns(sub)[layer], with_norms=False))
@@ -99,7 +99,7 @@ def main() -> int:
 
     import torch
 
-    from fedpt_app.models.classifier import ModelPackage, lora_classifier
+    from fedpt_app.classify.models import ModelPackage, lora_classifier
     from fedpt_app.models.lora import LoraSpec, adapter_state, to_array_record
 
     results = {}

@@ -15,13 +15,19 @@ import time
 
 import torch
 
-from fedpt_app.data.prompts import build_prompt
-from fedpt_app.data.sources import load_test_rows
-from fedpt_app.decoding import DecodingConfig, decode, model_step
+from fedpt_app.instruct.data import load_test_rows
+from fedpt_app.instruct.decoding import DecodingConfig, decode, model_step
+from fedpt_app.instruct.prompts import build_prompt
+from fedpt_app.instruct.proxy import (
+    LocalLogitsProvider,
+    large_only_step,
+    naive_proxy_step,
+    proxy_step,
+    shared_vocab_size,
+)
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
-from fedpt_app.proxy import LocalLogitsProvider, large_only_step, naive_proxy_step, proxy_step, shared_vocab_size
-from fedpt_app.simulation import validate_overrides
+from fedpt_app.tools.simulation import validate_overrides
 
 
 def large_plus_small_step(large, small):
@@ -42,21 +48,22 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="median over this many interleaved runs")
     args = parser.parse_args()
     config = validate_overrides(args.run_config)
-    tokenizer = load_tokenizer(config.small_model)
-    small = lora_model(config.small_model, LoraSpec.from_run_config(config), seed=config.seed)
+    instruct, data = config.instruct, config.data
+    tokenizer = load_tokenizer(instruct.small_model)
+    small = lora_model(instruct.small_model, LoraSpec.from_settings(config.lora), seed=config.seed)
     generator = torch.Generator().manual_seed(0)
     load_adapter_state(small, {k: 0.05 * torch.randn(v.shape, generator=generator)
                                for k, v in adapter_state(small).items()})
     small.eval()
-    large = LocalLogitsProvider(config.large_model, shared_vocab_size(config.small_model, config.large_model),
-                                config.large_model_quantization)
-    rows = load_test_rows(config.dataset, config.test_dataset, config.test_fraction, config.seed)
+    large = LocalLogitsProvider(instruct.large_model, shared_vocab_size(instruct.small_model, instruct.large_model),
+                                instruct.large_model_quantization)
+    rows = load_test_rows(data.dataset, data.test_dataset, data.test_fraction, config.seed)
     decoding = DecodingConfig(max_new_tokens=args.new_tokens, stop_strings=(), ignore_eos=True)
     variants = {"large alone": lambda: large_only_step(large),
                 "large + 1 small fwd": lambda: large_plus_small_step(large, small),
-                "proxy (merged, KV)": lambda: proxy_step(large, small, config.proxy_alpha),
-                "naive proxy (no KV)": lambda: naive_proxy_step(large, small, config.proxy_alpha)}
-    print(f"pair {config.small_model} / {config.large_model}, {args.new_tokens} new tokens, greedy, "
+                "proxy (merged, KV)": lambda: proxy_step(large, small, instruct.proxy_alpha),
+                "naive proxy (no KV)": lambda: naive_proxy_step(large, small, instruct.proxy_alpha)}
+    print(f"pair {instruct.small_model} / {instruct.large_model}, {args.new_tokens} new tokens, greedy, "
           f"{torch.get_num_threads()} threads, device {next(small.parameters()).device}")
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         prompts = [build_prompt(row["instruction"], row.get("context", "")) for row in rows[:batch_size]]

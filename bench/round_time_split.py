@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedpt_app.reporting import framework_seconds
-from fedpt_app.simulation import run_simulation
+from fedpt_app.federation.metrics_log import framework_seconds
+from fedpt_app.tools.simulation import run_simulation
 
 
 def main() -> int:

@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from fedpt_app.data.prompts import collate, tokenize_rows
-from fedpt_app.data.sources import load_splits
-from fedpt_app.distill import DistillConfig, ProxyDistiller
+from fedpt_app.instruct.data import load_splits
+from fedpt_app.instruct.distill import DistillConfig, ProxyDistiller
+from fedpt_app.instruct.prompts import collate, tokenize_rows
+from fedpt_app.instruct.proxy import LocalLogitsProvider, shared_vocab_size
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
-from fedpt_app.proxy import LocalLogitsProvider, shared_vocab_size
-from fedpt_app.simulation import validate_overrides
+from fedpt_app.tools.simulation import validate_overrides
 
 
 class StudentOnly(ProxyDistiller):
@@ -42,14 +42,16 @@ def main() -> int:
     args = parser.parse_args()
     config = validate_overrides(args.run_config)
     torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(config.small_model)
-    small = lora_model(config.small_model, LoraSpec.from_run_config(config), seed=config.seed)
-    large = LocalLogitsProvider(config.large_model, shared_vocab_size(config.small_model, config.large_model),
-                                config.large_model_quantization)
-    rows = load_splits(config.dataset, config.test_fraction, config.seed)["server"]
-    examples = tokenize_rows(tokenizer, rows[:config.kd_samples] if config.kd_samples else rows, config.max_length)
-    distill = DistillConfig(config.proxy_alpha, config.kd_temperature, config.kd_steps, config.kd_lr,
-                            config.kd_batch_size, config.seed)
+    instruct = config.instruct
+    tokenizer = load_tokenizer(instruct.small_model)
+    small = lora_model(instruct.small_model, LoraSpec.from_settings(config.lora), seed=config.seed)
+    large = LocalLogitsProvider(instruct.large_model, shared_vocab_size(instruct.small_model, instruct.large_model),
+                                instruct.large_model_quantization)
+    rows = load_splits(config.data.dataset, config.data.test_fraction, config.seed)["server"]
+    examples = tokenize_rows(tokenizer, rows[:instruct.kd_samples] if instruct.kd_samples else rows,
+                             config.training.max_length)
+    distill = DistillConfig(instruct.proxy_alpha, instruct.kd_temperature, instruct.kd_steps, instruct.kd_lr,
+                            instruct.kd_batch_size, config.seed)
     generator = torch.Generator().manual_seed(1)
     start = {k: v + 0.02 * torch.randn(v.shape, generator=generator) for k, v in adapter_state(small).items()}
 
@@ -71,7 +73,7 @@ def main() -> int:
                                 ("recomputed teacher", recompute)):
             timings[name].append(distiller.run_round(server_round, start).seconds)
     floor = statistics.median(timings["student alone"])
-    print(f"pair {config.small_model} / {config.large_model}; {len(examples)} distillation examples, "
+    print(f"pair {instruct.small_model} / {instruct.large_model}; {len(examples)} distillation examples, "
           f"{distill.steps} steps x batch {distill.batch_size}; cache {cached.cache.nbytes / 2**20:.1f} MB "
           f"built once in {cache_build:.2f} s")
     print(f"{'server round':<22}{'median s':>10}{'x student alone':>18}")

@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 nodes="${SUPERNODES:-2}"
 bash ../scripts/make-certificates.sh credentials "$nodes"
 if [ "$nodes" != 2 ]; then  # docker/compose.yaml holds 2; any other count is generated
-  PYTHONPATH=.. python3 -c "import sys; from pathlib import Path; from fedpt_app.compose import write_compose; \
+  PYTHONPATH=.. python3 -c "import sys; from pathlib import Path; from fedpt_app.tools.compose import write_compose; \
 write_compose(int(sys.argv[1]), Path('compose.yaml'))" "$nodes"
 fi
 mkdir -p outputs

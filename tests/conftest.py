@@ -10,8 +10,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fedpt_app.data.builtin import builtin_instruction_split
-from fedpt_app.data.prompts import build_prompt
+from fedpt_app.instruct.builtin import builtin_instruction_split
+from fedpt_app.instruct.prompts import build_prompt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

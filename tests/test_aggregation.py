@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedpt_app.aggregation import fedavg
+from fedpt_app.federation.aggregation import fedavg
 
 
 def test_fedavg_weights_by_num_examples_hand_computed():

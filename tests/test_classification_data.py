@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from fedpt_app.data.classification import collate, encode_rows, load_classification_splits, read_classification_file
-from fedpt_app.data.partition import PartitionSpec, load_partition
-from fedpt_app.data.sources import DatasetError
+from fedpt_app.classify.data import (
+    collate,
+    encode_rows,
+    load_classification_splits,
+    read_classification_file,
+    training_rows,
+)
+from fedpt_app.device.partition import PartitionSpec, load_partition
+from fedpt_app.instruct.data import DatasetError
 from fedpt_app.models.loading import load_tokenizer
 
 
@@ -44,10 +50,10 @@ def test_sentence_pairs_are_encoded_together_and_padded(tmp_path):
 
 
 def _label_share_spread(alpha: float) -> float:
-    spec = PartitionSpec("rotten-tomatoes", "dirichlet", 10, dirichlet_alpha=alpha, seed=0, task="classification")
+    spec = PartitionSpec("rotten-tomatoes", "dirichlet", 10, "label", dirichlet_alpha=alpha, seed=0)
     shares = []
     for partition_id in range(10):
-        labels = [row["label"] for row in load_partition(spec, partition_id)]
+        labels = [row["label"] for row in load_partition(spec, partition_id, training_rows)]
         shares.append(sum(labels) / len(labels))
     return max(shares) - min(shares)
 

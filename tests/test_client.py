@@ -5,11 +5,11 @@ import json
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from fedpt_app.client import train
 from fedpt_app.config import RunConfig
-from fedpt_app.data.sources import DatasetError
-from fedpt_app.messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
-from fedpt_app.strategies.fedavg import FedAvgLora
+from fedpt_app.device.dispatch import train
+from fedpt_app.instruct.data import DatasetError
+from fedpt_app.instruct.strategies.fedavg import FedAvgSmall
+from fedpt_app.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from tests.test_reliability import _received
 
 
@@ -17,7 +17,7 @@ from tests.test_reliability import _received
 def instruction(tiny_model_dir, tmp_path):
     config = RunConfig.from_mapping({"algorithm": "fedavg", "small-model": str(tiny_model_dir),
                                      "lora-target-modules": "q_proj,v_proj", "output-dir": str(tmp_path / "out")})
-    arrays = FedAvgLora(config).initial_arrays()
+    arrays = FedAvgSmall(config).initial_arrays()
     return _received(0, RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(
         {"lr": 0.001, "model": "small", "server-round": 1})}))
 

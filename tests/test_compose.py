@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedpt_app.compose import compose_spec, write_compose
+from fedpt_app.tools.compose import compose_spec, write_compose
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 

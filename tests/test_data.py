@@ -3,9 +3,9 @@ from collections import Counter
 
 import pytest
 
-from fedpt_app.data.builtin import CATEGORIES, builtin_instruction_split, pretraining_corpus
-from fedpt_app.data.partition import PartitionSpec, load_partition
-from fedpt_app.data.sources import DatasetError, load_splits, load_test_rows
+from fedpt_app.device.partition import PartitionSpec, load_partition
+from fedpt_app.instruct.builtin import CATEGORIES, builtin_instruction_split, pretraining_corpus
+from fedpt_app.instruct.data import DatasetError, load_splits, load_test_rows, training_rows
 
 
 def test_builtin_dataset_is_deterministic_with_disjoint_splits():
@@ -23,7 +23,7 @@ def test_pretraining_corpus_never_uses_the_instruction_format():
 
 
 def _rows(spec, num):
-    return [load_partition(spec, pid) for pid in range(num)]
+    return [load_partition(spec, pid, training_rows) for pid in range(num)]
 
 
 def _key(row):
@@ -31,21 +31,21 @@ def _key(row):
 
 
 def test_iid_partitions_are_equal_and_disjoint():
-    parts = _rows(PartitionSpec("builtin", "iid", 5), 5)
+    parts = _rows(PartitionSpec("builtin", "iid", 5, "category"), 5)
     assert len({len(p) for p in parts}) == 1
     keys = [_key(r) for p in parts for r in p]
     assert len(keys) == len(load_splits("builtin")["train"])
 
 
 def test_dirichlet_partitions_cover_train_and_skew_categories():
-    parts = _rows(PartitionSpec("builtin", "dirichlet", 4, dirichlet_alpha=0.3), 4)
+    parts = _rows(PartitionSpec("builtin", "dirichlet", 4, "category", dirichlet_alpha=0.3), 4)
     assert sum(len(p) for p in parts) == len(load_splits("builtin")["train"])
     shares = [Counter(r["category"] for r in p).most_common(1)[0][1] / len(p) for p in parts]
     assert max(shares) > 1.5 / len(CATEGORIES)  # far from uniform
 
 
 def test_pathological_partitions_hold_k_categories_each():
-    parts = _rows(PartitionSpec("builtin", "pathological", 6, classes_per_partition=2), 6)
+    parts = _rows(PartitionSpec("builtin", "pathological", 6, "category", classes_per_partition=2), 6)
     assert all(len({r["category"] for r in p}) == 2 for p in parts)
 
 
@@ -53,7 +53,7 @@ def test_empty_partition_is_a_clear_error(tmp_path):
     data = tmp_path / "few.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(10)))
     with pytest.raises(DatasetError, match="empty"):
-        load_partition(PartitionSpec(str(data), "iid", 9), 8)
+        load_partition(PartitionSpec(str(data), "iid", 9, "category"), 8, training_rows)
 
 
 def test_malformed_jsonl_row_names_file_and_line(tmp_path):

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from fedpt_app.deployment import LocalDeployment
 from fedpt_app.models.loading import tiny_preset_dir
+from fedpt_app.tools.deployment import LocalDeployment
 
 QUICK = "num-server-rounds=2 fraction-train=1.0 eval-samples=9 max-new-tokens=8 kd-steps=2"
 

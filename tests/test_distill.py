@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from fedpt_app.data.builtin import builtin_instruction_split
-from fedpt_app.data.prompts import collate, tokenize_rows
-from fedpt_app.distill import DistillConfig, ProxyDistiller, kd_loss, response_positions
+from fedpt_app.instruct.builtin import builtin_instruction_split
+from fedpt_app.instruct.distill import DistillConfig, ProxyDistiller, kd_loss, response_positions
+from fedpt_app.instruct.prompts import collate, tokenize_rows
+from fedpt_app.instruct.proxy import LocalLogitsProvider, shared_vocab_size
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
-from fedpt_app.proxy import LocalLogitsProvider, shared_vocab_size
 
 
 def test_kd_loss_is_the_temperature_scaled_kl_from_teacher_to_student():

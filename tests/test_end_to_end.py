@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from fedpt_app.models.loading import resolve_model_ref, tiny_preset_dir
 from fedpt_app.models.lora import LoraSpec, adapter_state, lora_model, to_array_record
-from fedpt_app.simulation import run_simulation, validate_overrides
+from fedpt_app.tools.simulation import run_simulation, validate_overrides
 
 
 def _simulate(tmp_path, overrides: str, num_supernodes: int = 2):
@@ -52,8 +52,8 @@ def test_fedavg_run_completes_and_writes_metrics(fedavg_run):
 def test_bytes_are_the_adapter_payload_times_clients(fedavg_run):
     _, output, config = fedavg_run
     rows = _rows(output)
-    model = lora_model(config.small_model, LoraSpec.from_run_config(config), seed=config.seed)
-    adapter_bytes = to_array_record(adapter_state(model), config.wire_dtype).count_bytes()
+    model = lora_model(config.instruct.small_model, LoraSpec.from_settings(config.lora), seed=config.seed)
+    adapter_bytes = to_array_record(adapter_state(model), config.federation.wire_dtype).count_bytes()
     for row in rows[1:]:
         assert row["clients"] == 2
         assert row["bytes_up"] == row["bytes_down"] == adapter_bytes * 2
@@ -68,7 +68,7 @@ def test_each_process_loads_its_base_model_once(fedavg_run):
 
 def test_final_adapter_loads_with_peft(fedavg_run):
     _, output, config = fedavg_run
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_ref(config.small_model))
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_ref(config.instruct.small_model))
     model = PeftModel.from_pretrained(base, output / "adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
@@ -101,8 +101,8 @@ def test_fedpt_is_the_default_and_distils_every_round(fedpt_run):
 
 def test_fedpt_broadcasts_the_distilled_adapter(fedpt_run):
     _, output, config = fedpt_run
-    model = lora_model(config.small_model, LoraSpec.from_run_config(config), seed=config.seed)
-    adapter_bytes = to_array_record(adapter_state(model), config.wire_dtype).count_bytes()
+    model = lora_model(config.instruct.small_model, LoraSpec.from_settings(config.lora), seed=config.seed)
+    adapter_bytes = to_array_record(adapter_state(model), config.federation.wire_dtype).count_bytes()
     assert all(row["bytes_up"] == row["bytes_down"] == 2 * adapter_bytes for row in _rows(output)[1:])
 
 
@@ -119,11 +119,11 @@ def test_fedavg_large_tunes_the_large_model_and_sends_its_bigger_adapter(tmp_pat
     assert outcome.succeeded, outcome.log[-3000:]
     rows = _rows(output)
     assert all(row["rouge_l_large"] is not None and row["rouge_l_small"] is None for row in rows)
-    large = lora_model(config.large_model, LoraSpec.from_run_config(config), seed=config.seed)
-    adapter_bytes = to_array_record(adapter_state(large), config.wire_dtype).count_bytes()
+    large = lora_model(config.instruct.large_model, LoraSpec.from_settings(config.lora), seed=config.seed)
+    adapter_bytes = to_array_record(adapter_state(large), config.federation.wire_dtype).count_bytes()
     assert all(row["bytes_up"] == 2 * adapter_bytes for row in rows[1:])
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["adapter_base_model"] == config.large_model
+    assert summary["adapter_base_model"] == config.instruct.large_model
 
 
 def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter(tmp_path):
@@ -134,8 +134,8 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter(tmp_path):
     import threading
     import time
 
-    from fedpt_app.checkpoint import load_checkpoint
-    from fedpt_app.simulation import local_superlink_pids, stop_local_superlink
+    from fedpt_app.federation.checkpoint import load_checkpoint
+    from fedpt_app.tools.simulation import local_superlink_pids, stop_local_superlink
 
     overrides = "num-server-rounds=4 fraction-train=1.0 eval-interval=0 kd-steps=4 kd-samples=32"
     full, full_output, _ = _simulate(tmp_path / "full", overrides)
@@ -174,15 +174,14 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter(tmp_path):
 def test_a_round_with_crashing_nan_and_misshapen_clients_aggregates_the_honest_ones(tmp_path):
     """5 real ClientApps, 3 of them faulty (tests/fault_app): the round completes, the faults are counted and
     named, and the global adapter is exactly FedAvg of the two honest clients' updates."""
-    import dataclasses
     import shutil
 
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from fedpt_app.aggregation import fedavg
-    from fedpt_app.client import train
-    from fedpt_app.messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+    from fedpt_app.device.dispatch import train
+    from fedpt_app.federation.aggregation import fedavg
     from fedpt_app.models.lora import from_array_record
+    from fedpt_app.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
     from tests.test_reliability import _received
 
     app = tmp_path / "app"
@@ -205,13 +204,12 @@ def test_a_round_with_crashing_nan_and_misshapen_clients_aggregates_the_honest_o
 
     # the honest clients' round, recomputed here with the same seeds, averaged by hand
     config = validate_overrides(run_config)
-    model = lora_model(config.small_model, LoraSpec.from_run_config(config), seed=config.seed)
+    model = lora_model(config.instruct.small_model, LoraSpec.from_settings(config.lora), seed=config.seed)
     initial = to_array_record(adapter_state(model), "float32")
     states, weights = [], []
     for partition in (0, 1):
         context = Context(run_id=1, node_id=partition, node_config={"partition-id": partition, "num-partitions": 5},
-                          state=RecordDict(), run_config={key.replace("_", "-"): value
-                                                          for key, value in dataclasses.asdict(config).items()})
+                          state=RecordDict(), run_config=config.to_mapping())
         instruction = _received(0, RecordDict({ARRAYS_KEY: initial, CONFIG_KEY: ConfigRecord(
             {"lr": config.round_lr(1), "model": "small", "server-round": 1})}))
         reply = train(instruction, context)

@@ -1,6 +1,6 @@
 import pytest
 
-from fedpt_app.evaluation import normalize_answer, score
+from fedpt_app.instruct.evaluation import normalize_answer, score
 
 
 def test_rouge_l_and_exact_match_hand_computed():

@@ -4,18 +4,19 @@ regularizer's gradient, APoZ counting, masked alignment, plug-in keys, FedOT's l
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from fedpt_app.compression.alignment import distill, neuron_masks, only_trainable, product_regularizer
-from fedpt_app.compression.apoz import count_zero_activations, neurons_to_update
-from fedpt_app.compression.emulator import EmulatorLayout, blocks_path, build_emulator, plug_into_full
-from fedpt_app.compression.ffn import compress, find_ffns, most_salient, neuron_saliency
+from fedpt_app.classify.compression.alignment import distill, neuron_masks, only_trainable, product_regularizer
+from fedpt_app.classify.compression.apoz import count_zero_activations, neurons_to_update
+from fedpt_app.classify.compression.emulator import EmulatorLayout, blocks_path, build_emulator, plug_into_full
+from fedpt_app.classify.compression.ffn import compress, find_ffns, most_salient, neuron_saliency
+from fedpt_app.classify.models import ModelPackage, lora_classifier
 from fedpt_app.config import ConfigError, RunConfig
-from fedpt_app.models.classifier import ModelPackage, lora_classifier
 from fedpt_app.models.lora import LoraSpec, adapter_state
 
 
@@ -171,7 +172,7 @@ def test_classification_config_is_validated():
     with pytest.raises(ConfigError, match="no instruction-tuning models"):
         RunConfig.from_mapping({"algorithm": "fedavg", "preset": "minilm-rt"})
     config = RunConfig.from_mapping({"algorithm": "fedpft"})
-    assert (config.foundation_model, config.dataset, config.partitioner) == ("all-minilm-l6-v2", "rotten-tomatoes",
+    assert (config.classify.foundation_model, config.data.dataset, config.data.partitioner) == ("all-minilm-l6-v2", "rotten-tomatoes",
                                                                              "dirichlet")
 
 
@@ -179,13 +180,15 @@ def test_apoz_replies_are_validated():
     import numpy as np
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-    from fedpt_app.messages import APOZ_KEY, ARRAYS_KEY, METRICS_KEY
+    from fedpt_app.classify.compression.apoz import apoz_record_problem
+    from fedpt_app.federation.screening import UpdateRules, check_reply
     from fedpt_app.models.lora import to_array_record
-    from fedpt_app.validation import UpdateRules, check_reply
+    from fedpt_app.protocol import APOZ_KEY, ARRAYS_KEY, METRICS_KEY
     from tests.test_reliability import GOOD_METRICS, _received
 
     state = {"lora_A": torch.zeros(2, 4)}
-    rules = UpdateRules(state, "float32", 0.0, 1000, apoz_widths={"layer-1": 3})
+    rules = UpdateRules(state, "float32", 0.0, 1000,
+                        extra_records={APOZ_KEY: functools.partial(apoz_record_problem, widths={"layer-1": 3})})
 
     def reply(counts, tokens=10.0, with_apoz=True):
         records = {ARRAYS_KEY: to_array_record(state, "float32"),
@@ -203,7 +206,7 @@ def test_apoz_replies_are_validated():
 
 
 def test_a_derived_base_is_built_once_per_recipe(tmp_path, monkeypatch):
-    from fedpt_app.models.classifier import cached_base
+    from fedpt_app.classify.models import cached_base
 
     monkeypatch.setenv("FEDPT_CACHE", str(tmp_path))
     builds = []
@@ -224,31 +227,39 @@ def test_a_derived_base_is_built_once_per_recipe(tmp_path, monkeypatch):
 
 def test_fedpft_sends_each_client_what_it_lacks_and_checkpoints_its_aligned_ffns(tiny_bert_dir, tmp_path,
                                                                                  monkeypatch):
-    from fedpt_app.messages import BASE_MODEL_KEY, FFN_UPDATE_KEY
+    from fedpt_app.classify.strategies.fedpft import FedPFT
+    from fedpt_app.federation.round_state import RoundState
     from fedpt_app.models.lora import from_array_record
-    from fedpt_app.strategies.fedpft import FedPFT
+    from fedpt_app.protocol import BASE_MODEL_KEY, FFN_UPDATE_KEY
 
     monkeypatch.setenv("FEDPT_CACHE", str(tmp_path / "cache"))
     config = RunConfig.from_mapping({"algorithm": "fedpft", "foundation-model": str(tiny_bert_dir),
                                      "align-steps": 2, "align-round-steps": 3, "public-samples": 32,
                                      "max-length": 16, "eval-samples": 16, "output-dir": str(tmp_path / "out")})
     strategy = FedPFT(config)
-    assert set(strategy.deliveries(5)) == {BASE_MODEL_KEY}  # a new client gets the sub-FM
+    round_config, _ = strategy.open_round(1, strategy.initial_arrays())
+
+    def delivered(node_id: int) -> set[str]:
+        node_config, records = strategy.deliveries(node_id, round_config)
+        assert bool(node_config.base.config_json) == (BASE_MODEL_KEY in records)  # the base travels with its config
+        return set(records)
+
+    assert delivered(5) == {BASE_MODEL_KEY}  # a new client gets the sub-FM
     strategy.holders[5] = 0
-    assert strategy.deliveries(5) == {}  # sent once
+    assert delivered(5) == set()  # sent once
     # an alignment round: APoZ from clients, then neuron-level distillation of the highest-APoZ half
     state = from_array_record(strategy.initial_arrays())
     before = {k: v.clone() for k, v in strategy.ffn_state().items()}
-    strategy._counting, strategy._round = True, {}
-    strategy._apoz = ({layer: torch.arange(16, dtype=torch.float64) for layer in strategy.layers}, 100)
+    strategy.counting_apoz, strategy.round = True, RoundState(1)
+    strategy.apoz = ({layer: torch.arange(16, dtype=torch.float64) for layer in strategy.layers}, 100)
     strategy.server_step(1, state)
-    assert strategy.base_version == 1 and strategy._round["align_loss"] >= 0.0
+    assert strategy.base_version == 1 and strategy.round.notes["align_loss"] >= 0.0
     after = strategy.ffn_state()
     up = next(key for key in after if "layer.1.intermediate.dense.weight" in key)
     assert torch.equal(after[up][:8], before[up][:8])  # the lower-APoZ half stays frozen
     assert not torch.equal(after[up][8:], before[up][8:])
-    assert set(strategy.deliveries(5)) == {FFN_UPDATE_KEY}  # an older copy gets the changed FFNs only
-    assert set(strategy.deliveries(6)) == {BASE_MODEL_KEY, FFN_UPDATE_KEY}
+    assert delivered(5) == {FFN_UPDATE_KEY}  # an older copy gets the changed FFNs only
+    assert delivered(6) == {BASE_MODEL_KEY, FFN_UPDATE_KEY}
     # the aligned FFNs are part of the checkpoint: a restarted server takes them back
     restarted = FedPFT(config)
     restarted.restore_server_state(strategy.server_state())
@@ -258,9 +269,18 @@ def test_fedpft_sends_each_client_what_it_lacks_and_checkpoints_its_aligned_ffns
 
 def _architectures():
     """name -> builder of (a tiny config-built model, inputs for one forward)."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MPNetConfig,
-                              MPNetForSequenceClassification, RobertaConfig, RobertaForSequenceClassification,
-                              ViTConfig, ViTForImageClassification)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MPNetConfig,
+        MPNetForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+        ViTConfig,
+        ViTForImageClassification,
+    )
 
     size = dict(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=40)
     return {
@@ -284,6 +304,6 @@ def test_ffns_are_found_by_structure_and_pruned_in_every_architecture(name):
     ffns = find_ffns(model)
     assert len(ffns) == 4 and all(ffn.width == 40 for ffn in ffns)
     assert (ffns[0].gate_name is not None) == (name == "llama")
-    compress(model, RunConfig().compressed_layer_indices(4), 0.75)
+    compress(model, RunConfig().classify.compressed_layer_indices(4), 0.75)
     assert [ffn.width for ffn in find_ffns(model)] == [40, 10, 10, 40]
     model.eval()(**inputs)  # the pruned model still runs

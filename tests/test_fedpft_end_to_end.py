@@ -9,10 +9,10 @@ from flwr.app import Array, ArrayRecord
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from fedpt_app.compression.alignment import ffn_parameters
-from fedpt_app.compression.ffn import compress, find_ffns
-from fedpt_app.models.classifier import ModelPackage, load_classifier
-from fedpt_app.simulation import run_simulation, validate_overrides
+from fedpt_app.classify.compression.alignment import ffn_parameters
+from fedpt_app.classify.compression.ffn import compress, find_ffns
+from fedpt_app.classify.models import ModelPackage, load_classifier
+from fedpt_app.tools.simulation import run_simulation, validate_overrides
 
 QUICK = ("num-server-rounds=2 fraction-train=1.0 local-epochs=1 max-length=32 eval-samples=128 public-samples=64 "
          "align-steps=4 align-round-steps=2 align-interval=1")

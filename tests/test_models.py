@@ -3,8 +3,14 @@ import torch
 from peft import PeftModel
 
 from fedpt_app.models.loading import ModelLoadError, load_causal_lm, load_tokenizer, resolve_model_ref
-from fedpt_app.models.lora import (LoraSpec, adapter_state, from_array_record, load_adapter_state, lora_model,
-                                   to_array_record)
+from fedpt_app.models.lora import (
+    LoraSpec,
+    adapter_state,
+    from_array_record,
+    load_adapter_state,
+    lora_model,
+    to_array_record,
+)
 
 
 def test_local_folder_loads_through_the_auto_classes(tiny_model_dir):

@@ -7,9 +7,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedpt_app.messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from fedpt_app.device.mods import clip_when_asked_mod
+from fedpt_app.federation.privacy import clipped, noisy_mean
 from fedpt_app.models.lora import from_array_record, to_array_record
-from fedpt_app.privacy import clip_when_asked_mod, clipped, noisy_mean
+from fedpt_app.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 
 BROADCAST = {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([[0.0], [0.0]])}
 

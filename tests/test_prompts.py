@@ -1,6 +1,6 @@
 import torch
 
-from fedpt_app.data.prompts import IGNORE_INDEX, build_prompt, collate, tokenize_example
+from fedpt_app.instruct.prompts import IGNORE_INDEX, build_prompt, collate, tokenize_example
 
 
 def test_prompt_template_with_and_without_context():

@@ -3,11 +3,19 @@
 import pytest
 import torch
 
-from fedpt_app.decoding import DecodingConfig, decode, model_step, pick_next
-from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
+from fedpt_app.instruct.decoding import DecodingConfig, decode, model_step, pick_next
+from fedpt_app.instruct.proxy import (
+    LocalLogitsProvider,
+    VocabularyMismatchError,
+    check_logit_widths,
+    naive_proxy_step,
+    proxy_logits,
+    proxy_step,
+    shared_vocab_size,
+    small_offset,
+)
 from fedpt_app.models.loading import load_tokenizer
-from fedpt_app.proxy import (LocalLogitsProvider, VocabularyMismatchError, check_logit_widths, naive_proxy_step,
-                             proxy_logits, proxy_step, shared_vocab_size, small_offset)
+from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
 from tests.conftest import build_tokenizer, save_tiny_llama
 
 PROMPTS = ["### Instruction:\nWhat is the capital of Peru?\n\n### Response:\n",
@@ -131,7 +139,7 @@ def test_generate_command_answers_with_a_saved_adapter(tuned_small, tiny_model_d
     import subprocess
     import sys
     tuned_small.save_pretrained(tmp_path / "adapter")
-    command = [sys.executable, "-m", "fedpt_app.cli", "generate", "--small", str(tiny_model_dir), "--large",
+    command = [sys.executable, "-m", "fedpt_app.tools.cli", "generate", "--small", str(tiny_model_dir), "--large",
                str(tiny_large_dir), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "8", "--json",
                "Name a color.", "Is 4 even?"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -1,6 +1,7 @@
 """Reliability: bad client replies are dropped and the rest aggregate; checkpoints are atomic; clients send only
 adapter tensors and scalar metrics."""
 
+import pickle
 import time
 
 import numpy as np
@@ -8,14 +9,22 @@ import pytest
 import torch
 from flwr.app import Array, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
 
-from fedpt_app.aggregation import fedavg
-from fedpt_app.checkpoint import (CHECKPOINT_FILE, Checkpoint, CheckpointError, load_checkpoint,
-                                  resumable_checkpoint, save_checkpoint)
-from fedpt_app.client import train
 from fedpt_app.config import RunConfig
-from fedpt_app.messages import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from fedpt_app.device.dispatch import train
+from fedpt_app.federation.aggregation import fedavg
+from fedpt_app.federation.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+)
+from fedpt_app.federation.round_state import RoundState
+from fedpt_app.federation.screening import RoundFailedError
+from fedpt_app.instruct.strategies.fedavg import FedAvgSmall
 from fedpt_app.models.lora import from_array_record, to_array_record
-from fedpt_app.strategies.fedavg import FedAvgLora, RoundFailedError
+from fedpt_app.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 
 GOOD_METRICS = {"train-loss": 1.5, "train-seconds": 0.1, "model-loads": 1, "peak-rss-mb": 500.0, "cuda-peak-mb": 0.0}
 
@@ -40,9 +49,9 @@ def strategy(tiny_model_dir, tmp_path):
                                      "large-model": str(tiny_model_dir), "lora-target-modules": "q_proj,v_proj",
                                      "min-train-nodes": 2, "max-update-norm": 50.0, "max-num-examples": 1000,
                                      "output-dir": str(tmp_path / "out")})
-    strategy = FedAvgLora(config)
+    strategy = FedAvgSmall(config)
     broadcast = from_array_record(strategy.initial_arrays())
-    strategy._broadcast, strategy._round = broadcast, {"started": time.perf_counter(), "sent": 10}
+    strategy.round = RoundState(1, broadcast=broadcast, lr=0.001, sent=10)
     return strategy
 
 
@@ -52,7 +61,7 @@ def _shifted(state, scale, seed):
 
 
 def test_bad_replies_are_dropped_and_the_good_ones_aggregate_as_if_alone(strategy):
-    broadcast = strategy._broadcast
+    broadcast = strategy.round.broadcast
     good_a, good_b = _shifted(broadcast, 0.01, 1), _shifted(broadcast, 0.01, 2)
     nan_state = dict(good_a, **{next(iter(good_a)): torch.full_like(next(iter(good_a.values())), float("nan"))})
     first_key = next(iter(good_a))
@@ -71,14 +80,14 @@ def test_bad_replies_are_dropped_and_the_good_ones_aggregate_as_if_alone(strateg
         _reply(20, good_a, leak=ConfigRecord({"text": "my private prompt"})),
         _reply(21, good_b, examples=10),
     ]
-    strategy._round["sent"] = len(replies)
+    strategy.round.sent = len(replies)
     arrays, _ = strategy.aggregate_train(1, replies)
     expected = fedavg([good_a, good_b], [30.0, 10.0])
     for key, value in from_array_record(arrays).items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-7)
-    row = strategy._round
-    assert (row["clients"], row["failures"], row["rejected"], row["num_examples"]) == (2, 1, 8, 40)
-    problems = " | ".join(row["problems"])
+    row = strategy.round
+    assert (row.clients, row.failures, row.rejected, row.num_examples) == (2, 1, 8, 40)
+    problems = " | ".join(row.problems)
     for node, reason in [(12, "out of memory"), (13, "NaN"), (14, "shape"), (15, "missing"), (16, "dtype"),
                          (17, "num-examples 0"), (18, "num-examples"), (19, "update norm"),
                          (20, "reply holds records")]:
@@ -86,9 +95,9 @@ def test_bad_replies_are_dropped_and_the_good_ones_aggregate_as_if_alone(strateg
 
 
 def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(strategy):
-    states = [_shifted(strategy._broadcast, 0.01, seed) for seed in range(4)]
+    states = [_shifted(strategy.round.broadcast, 0.01, seed) for seed in range(4)]
     replies = [_reply(30 + i, state, examples=7 + i) for i, state in enumerate(states)]
-    strategy._round["sent"] = len(replies)
+    strategy.round.sent = len(replies)
     forward, _ = strategy.aggregate_train(1, replies)
     backward, _ = strategy.aggregate_train(1, replies[::-1])
     for key in forward:
@@ -96,7 +105,7 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(strategy):
 
 
 def test_too_few_usable_replies_stop_the_round_with_the_reasons(strategy):
-    replies = [_reply(41, strategy._broadcast), _reply(42, strategy._broadcast, examples=-3)]
+    replies = [_reply(41, strategy.round.broadcast), _reply(42, strategy.round.broadcast, examples=-3)]
     with pytest.raises(RoundFailedError, match=r"only 1 usable replies.*8 timed out.*node 42: num-examples -3"):
         strategy.aggregate_train(3, replies)
 
@@ -105,7 +114,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
     state = {"w": torch.arange(4.0)}
     save_checkpoint(tmp_path, Checkpoint.capture(2, state, {"seed": 0}))
     broken = Checkpoint.capture(3, state, {"seed": 0, "unpicklable": lambda: None})
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.PicklingError):
         save_checkpoint(tmp_path, broken)  # fails half-way through torch.save
     restored = load_checkpoint(tmp_path)
     assert restored.completed_round == 2 and torch.equal(restored.adapter["w"], state["w"])
@@ -146,7 +155,7 @@ def test_a_client_reply_holds_only_adapter_tensors_and_scalar_metrics(tiny_model
     reply = train(instruction, context)
     assert set(reply.content) == {ARRAYS_KEY, METRICS_KEY}
     arrays, metrics = reply.content[ARRAYS_KEY], reply.content[METRICS_KEY]
-    assert set(arrays) == set(strategy._broadcast) and all("lora_" in key for key in arrays)
+    assert set(arrays) == set(strategy.round.broadcast) and all("lora_" in key for key in arrays)
     assert all(isinstance(array, Array) and array.dtype == "float32" for array in arrays.values())
     assert all(isinstance(value, (int, float)) for value in metrics.values())
     assert set(metrics) == {"num-examples", *GOOD_METRICS}

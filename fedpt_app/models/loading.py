@@ -20,8 +20,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from fedpt_app.models.packaged import (PACKAGED_FOLDERS, PACKAGED_GGUF, PackagedModelMissing, joined_gguf,
-                                      packaged_folder)
+from fedpt_app.models.packaged import (
+    PACKAGED_FOLDERS,
+    PACKAGED_GGUF,
+    PackagedModelMissing,
+    joined_gguf,
+    packaged_folder,
+)
 
 transformers_logging.disable_progress_bar()  # one "Loading weights" bar per process only clutters the run log
 
@@ -62,7 +67,7 @@ def tiny_preset_dir(seed: int = 0) -> Path:
     destination = cache_root() / f"tiny-preset-seed{seed}"
     if (destination / "report.json").exists():
         return destination
-    from fedpt_app.models.tiny_preset import build_tiny_preset
+    from fedpt_app.instruct.tiny_preset import build_tiny_preset
 
     with file_lock(destination.with_suffix(".lock")):
         if not (destination / "report.json").exists():

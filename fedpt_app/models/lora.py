@@ -5,14 +5,17 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedpt_app.config import RunConfig
 from fedpt_app.models.loading import load_causal_lm
+
+if TYPE_CHECKING:
+    from fedpt_app.config import LoraSettings
 
 
 @dataclass(frozen=True)
@@ -23,9 +26,9 @@ class LoraSpec:
     target_modules: tuple[str, ...] | None = None  # None: peft's per-architecture default
 
     @classmethod
-    def from_run_config(cls, config: RunConfig) -> LoraSpec:
-        modules = config.target_modules()
-        return cls(config.lora_r, config.lora_alpha, config.lora_dropout, tuple(modules) if modules else None)
+    def from_settings(cls, settings: LoraSettings) -> LoraSpec:
+        modules = settings.modules()
+        return cls(settings.r, settings.alpha, settings.dropout, tuple(modules) if modules else None)
 
     def peft_config(self) -> LoraConfig:
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,

@@ -5,8 +5,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpt_app import client
-from fedpt_app.messages import ARRAYS_KEY
+from fedpt_app.device import dispatch
+from fedpt_app.protocol import ARRAYS_KEY
 
 
 def inject_faults(msg: Message, context: Context, call_next) -> Message:
@@ -28,4 +28,4 @@ app = ClientApp(mods=[inject_faults])
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return client.train(msg, context)
+    return dispatch.train(msg, context)

@@ -1,0 +1,70 @@
+"""The classify family's device task (FedPFT, FedPETuning, FedOT): train LoRA and the head on the base model the
+server sent (fedpt_app.classify.base_store), counting APoZ first on FedPFT's alignment rounds."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message
+from peft import PeftModel
+
+from fedpt_app.classify.base_store import receive_base
+from fedpt_app.classify.compression.apoz import count_zero_activations
+from fedpt_app.classify.compression.ffn import find_ffns
+from fedpt_app.classify.data import batches, encode_rows, read_classification_file, training_rows
+from fedpt_app.config import ClassifyConfig, RunConfig
+from fedpt_app.device.node import Node, local_seed
+from fedpt_app.device.partition import PartitionSpec, node_source, source_rows
+from fedpt_app.device.reply import train_reply
+from fedpt_app.device.training import train_lora
+from fedpt_app.models.loading import load_tokenizer
+from fedpt_app.models.lora import from_array_record, load_adapter_state
+from fedpt_app.protocol import APOZ_KEY, ARRAYS_KEY, CONFIG_KEY, ProtocolError, RoundConfig
+
+PARTITION_COLUMN = "label"  # what the non-IID partitioners skew over
+
+
+def _file_rows(path: str) -> list[dict]:
+    return read_classification_file(path)[0]
+
+
+@functools.cache
+def _local_examples(source: PartitionSpec | str, partition_id: int, model_ref: str,
+                    max_length: int) -> tuple[dict, ...]:
+    """This node's encoded training rows (its partition, or its own data file), prepared once per process."""
+    rows = source_rows(source, partition_id, _file_rows, training_rows)
+    return tuple(encode_rows(load_tokenizer(model_ref), rows, max_length))
+
+
+def _count_apoz(model: PeftModel, examples, classify: ClassifyConfig, batch_size: int,
+                pad_token_id: int) -> ArrayRecord:
+    """Zero-activation counts of the compressed layers' neurons on local data (before this round's training)."""
+    layers = classify.compressed_layer_indices(len(find_ffns(model)))
+    counts, tokens = count_zero_activations(model, layers, batches(examples, batch_size, pad_token_id))
+    return ArrayRecord({**{f"layer-{layer}": Array(counts[layer].numpy()) for layer in layers},
+                        "tokens": Array(np.array([tokens], dtype=np.float64))})
+
+
+def train(msg: Message, context: Context, config: RunConfig) -> Message:
+    """Apply the global adapter and head to the base, (count APoZ,) train, reply with adapter and metrics."""
+    node = Node.from_node_config(context.node_config)
+    node.use_model_cache()
+    source = node_source(node, config.data, PARTITION_COLUMN, config.seed)
+    round_config = RoundConfig.from_record(msg.content[CONFIG_KEY])
+    if round_config.base is None:
+        raise ProtocolError("A classify round config names no base model (base-id)")
+    foundation_model, training = config.classify.foundation_model, config.training
+    pad_token_id = load_tokenizer(foundation_model).pad_token_id
+    examples = _local_examples(source, node.index, foundation_model, training.max_length)
+    model = receive_base(msg, round_config.base, config.lora, config.seed)
+    load_adapter_state(model, from_array_record(msg.content[ARRAYS_KEY]))
+    records = {}
+    if round_config.count_apoz:
+        records[APOZ_KEY] = _count_apoz(model, examples, config.classify, training.batch_size, pad_token_id)
+    server_round = round_config.server_round
+    result = train_lora(model, examples, batches, epochs=training.local_epochs, lr=round_config.lr,
+                        batch_size=training.batch_size, pad_token_id=pad_token_id,
+                        seed=local_seed(config.seed, server_round, node.index),
+                        description=f"client {node.index} round {server_round}")
+    return train_reply(msg, model, result, config.federation.wire_dtype, records)

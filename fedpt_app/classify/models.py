@@ -1,0 +1,127 @@
+"""Sequence classifiers for FedPFT and its baselines: load a foundation model, ship a (compressed) base model to
+clients as tensors plus its config, and attach LoRA on attention plus the classification head.
+
+The base a client trains on (the full FM, the sub-FM, or FedOT's emulator) reaches it as a `ModelPackage`: the HF
+config (with the FFN widths of a pruned model) and the weights. The client rebuilds it with
+`AutoModelForSequenceClassification.from_config`, so a device needs no model files, only the tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from logging import INFO
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from flwr.common.logger import log
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+
+from fedpt_app.classify.compression.ffn import ffn_widths, resize_ffns
+from fedpt_app.models.loading import (
+    LOAD_COUNTS,
+    ModelLoadError,
+    cache_root,
+    default_device,
+    file_lock,
+    resolve_model_ref,
+)
+from fedpt_app.models.lora import LoraSpec
+
+
+def load_classifier(model_ref: str, num_labels: int, seed: int = 0) -> PreTrainedModel:
+    """A fresh (uncached: compression edits it) foundation model with a `num_labels` head, seeded head init."""
+    source = resolve_model_ref(model_ref)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+    except Exception as error:  # transformers raises several types for a missing or unreachable model
+        raise ModelLoadError(f"Could not load foundation model {model_ref!r} ({source}) as a classifier: "
+                             f"{error}") from error
+    LOAD_COUNTS[model_ref] += 1
+    model.requires_grad_(False)
+    return model.to(default_device()).eval()
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A base model as it travels: its HF config (JSON, FFN widths included) and its weights."""
+
+    config_json: str
+    state: OrderedDict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> ModelPackage:
+        widths = ffn_widths(model)  # first: finding the FFNs records their names in the config
+        config = model.config.to_dict()
+        config["fedpt_ffn_widths"] = widths
+        state = OrderedDict((key, tensor.detach().cpu().float().clone()) for key, tensor in model.state_dict().items())
+        return cls(json.dumps(config, sort_keys=True), state)
+
+    @property
+    def digest(self) -> str:
+        """Identifies the package: clients cache what they received under it."""
+        digest = hashlib.sha256(self.config_json.encode())
+        for key, tensor in self.state.items():
+            digest.update(key.encode())
+            digest.update(tensor.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def to_array_record(self) -> ArrayRecord:
+        return ArrayRecord({key: Array(tensor.numpy()) for key, tensor in self.state.items()})
+
+    @classmethod
+    def from_record(cls, config_json: str, record: ArrayRecord) -> ModelPackage:
+        return cls(config_json, OrderedDict((key, torch.from_numpy(array.numpy().astype(np.float32)))
+                                            for key, array in record.items()))
+
+    def build(self) -> PreTrainedModel:
+        """The model, rebuilt from config and weights (frozen, eval mode, on the default device)."""
+        config_dict = json.loads(self.config_json)
+        widths = config_dict.pop("fedpt_ffn_widths")
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        model = AutoModelForSequenceClassification.from_config(config)
+        resize_ffns(model, widths)
+        missing, unexpected = model.load_state_dict(self.state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"Model package does not fit its config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        model.requires_grad_(False)
+        return model.to(default_device()).eval()
+
+
+def lora_classifier(model: PreTrainedModel, spec: LoraSpec, seed: int = 0,
+                    layers: Sequence[int] | None = None) -> PeftModel:
+    """LoRA on attention (peft's per-architecture default unless `spec` names modules) plus the trainable head;
+    `layers` restricts LoRA to those transformer blocks (FedOT's adapter)."""
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="SEQ_CLS",
+                        target_modules=list(spec.target_modules) if spec.target_modules else None,
+                        layers_to_transform=list(layers) if layers is not None else None, bias="none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the same initial A matrices in every process
+        peft_model = get_peft_model(model, config)
+    return peft_model.eval()
+
+
+def cached_base(recipe: dict, build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
+    """A derived base model (sub-FM, emulator) built once per `recipe` (everything that determines it: model,
+    compression, distillation data and steps) and reused from the model cache afterwards."""
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_root() / "derived-bases" / f"{recipe['kind']}-{key}.pt"
+    with file_lock(path.with_suffix(".lock")):
+        if path.exists():
+            saved = torch.load(path, weights_only=True)
+            log(INFO, "[fedpt-app] reusing the %s built before: %s", recipe["kind"], path)
+            return ModelPackage(saved["config_json"], OrderedDict(saved["state"])).build()
+        model = build()
+        package = ModelPackage.of(model)
+        temporary = path.with_suffix(".tmp")
+        torch.save({"config_json": package.config_json, "state": dict(package.state), "recipe": recipe}, temporary)
+        temporary.replace(path)
+        return model

@@ -1,0 +1,1 @@
+"""The classify family's strategies: FedPFT and its baselines FedPETuning and FedOT."""

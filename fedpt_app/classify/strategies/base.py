@@ -1,0 +1,146 @@
+"""What the classify family's strategies share: a foundation model (FM) loaded as a sequence classifier, the base
+model clients train on (`client_base`: the full FM, a sub-FM or an emulator), LoRA on attention plus the head, and
+evaluation with the adapter plugged into the full FM.
+
+Whatever the base is, it reaches each client once, with the first round the client is sampled in, and its bytes
+are counted in that round's `bytes_down` (and `bytes_down_model`); the adapter state is the same on every base,
+so it is plugged into the full FM for `accuracy_full` (and evaluated on the client's base for `accuracy_sub`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+
+import torch
+from flwr.app import ArrayRecord, Message
+from peft import PeftModel
+from transformers import PreTrainedModel
+
+from fedpt_app.classify.data import batches, encode_rows, load_classification_splits
+from fedpt_app.classify.evaluation import accuracy
+from fedpt_app.classify.models import ModelPackage, load_classifier, lora_classifier
+from fedpt_app.federation.strategy import FederatedStrategy, State
+from fedpt_app.models.loading import load_tokenizer
+from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state
+from fedpt_app.protocol import BASE_MODEL_KEY, ClientBase, RoundConfig
+
+
+class ClassifyStrategy(FederatedStrategy):
+    score_names = ("accuracy_full", "accuracy_sub")
+    loss_names = ("align_loss",)
+
+    # ---- models and data ---------------------------------------------------------------------------------
+    def load_task(self) -> None:
+        config, data, classify = self.config, self.config.data, self.config.classify
+        self.tokenizer = load_tokenizer(classify.foundation_model)
+        splits = load_classification_splits(data.dataset, data.test_dataset, data.test_fraction, config.seed)
+        self.label_names = splits.label_names
+        max_length = config.training.max_length
+        self.test_examples = encode_rows(self.tokenizer, splits.test[:config.evaluation.eval_samples], max_length)
+        public = splits.public[:classify.public_samples] if classify.public_samples else splits.public
+        self.public_examples = encode_rows(self.tokenizer, public, max_length)
+        full = load_classifier(classify.foundation_model, splits.num_labels, config.seed)
+        base = self.client_base(full)
+        self.package = ModelPackage.of(base)  # before LoRA is injected into it
+        spec = LoraSpec.from_settings(config.lora)
+        self.full_model = lora_classifier(full, spec, config.seed, layers=self.full_lora_layers())
+        self.model = self.full_model if base is full else lora_classifier(base, spec, config.seed,
+                                                                           layers=self.client_lora_layers())
+        self._check_plug_in()
+        self.base_version = 0  # bumped when the server changes the client base (FedPFT's alignment)
+        self.holders: dict[int, int] = {}  # node id -> version of the client base it confirmed holding
+
+    def client_base(self, full: PreTrainedModel) -> PreTrainedModel:
+        """The model clients train on (built from the full FM)."""
+        raise NotImplementedError
+
+    def distillation_recipe(self) -> dict:
+        """What determines a base distilled on the public texts (part of its cache key)."""
+        config, data, classify = self.config, self.config.data, self.config.classify
+        return {"data": data.dataset, "test_fraction": data.test_fraction, "public": len(self.public_examples),
+                "max_length": config.training.max_length, "steps": classify.align_steps, "lr": classify.align_lr,
+                "mu": classify.align_mu, "batch": classify.align_batch_size, "seed": config.seed}
+
+    def public_batches(self, server_round: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless shuffled batches of the public (unlabeled) texts, seeded by the round."""
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + server_round)
+        return itertools.chain.from_iterable(
+            batches(self.public_examples, self.config.classify.align_batch_size, self.tokenizer.pad_token_id,
+                    generator)
+            for _ in itertools.count())
+
+    def full_lora_layers(self) -> list[int] | None:
+        return None  # LoRA in every block
+
+    def client_lora_layers(self) -> list[int] | None:
+        return None
+
+    def plugged(self, state: State) -> State:
+        """The client adapter state as the full FM's adapter state (same names unless the algorithm renames)."""
+        return state
+
+    def _check_plug_in(self) -> None:
+        client, full = adapter_state(self.model), adapter_state(self.full_model)
+        plugged = self.plugged(client)
+        shapes = {key: tuple(tensor.shape) for key, tensor in plugged.items()}
+        if shapes != {key: tuple(tensor.shape) for key, tensor in full.items()}:
+            raise ValueError(f"{self.config.algorithm}: the client adapter does not plug into the full FM "
+                             f"({sorted(set(shapes) ^ set(full))[:3]})")
+
+    # ---- what each client receives -----------------------------------------------------------------------
+    def open_round(self, number: int, arrays: ArrayRecord) -> tuple[RoundConfig, ArrayRecord]:
+        opened = super().open_round(number, arrays)
+        self.round.bytes_down_model = 0
+        return opened
+
+    def round_config(self, number: int) -> RoundConfig:
+        layers = self.client_lora_layers()
+        base = ClientBase(self.package.digest, self.base_version,
+                          lora_layers=tuple(layers) if layers is not None else None)
+        return dataclasses.replace(super().round_config(number), base=base)
+
+    def deliveries(self, node_id: int, round_config: RoundConfig) -> tuple[RoundConfig, dict[str, ArrayRecord]]:
+        """The base model if the node has none (its config travels in the round config), and the base's changes
+        if its copy is older than the current version."""
+        held = self.holders.get(node_id)
+        records = {BASE_MODEL_KEY: self.package.to_array_record()} if held is None else {}
+        if held != self.base_version:
+            records.update(self.base_updates())
+        self.round.bytes_down_model += sum(record.count_bytes() for record in records.values())
+        if BASE_MODEL_KEY in records:
+            round_config = dataclasses.replace(
+                round_config, base=dataclasses.replace(round_config.base, config_json=self.package.config_json))
+        return round_config, records
+
+    def base_updates(self) -> dict[str, ArrayRecord]:
+        """Records that bring a client's base to `base_version`; none unless the algorithm changes the base."""
+        return {}
+
+    def accept_replies(self, usable: list[Message]) -> None:
+        for msg in usable:  # a usable reply was trained on the base we sent: the client holds it now
+            self.holders[msg.metadata.src_node_id] = self.base_version
+
+    # ---- evaluation and results --------------------------------------------------------------------------
+    def _accuracy(self, model: PeftModel) -> float:
+        return accuracy(model, self.test_examples, batch_size=self.config.evaluation.eval_batch_size,
+                        pad_token_id=self.tokenizer.pad_token_id)
+
+    def evaluate_models(self, server_round: int, state: State) -> dict[str, float]:
+        """accuracy_full: the adapter and head plugged into the full FM; accuracy_sub: on the clients' base."""
+        load_adapter_state(self.full_model, self.plugged(state))
+        scores = {"accuracy_full": self._accuracy(self.full_model)}
+        if self.model is not self.full_model:
+            load_adapter_state(self.model, state)
+            scores["accuracy_sub"] = self._accuracy(self.model)
+        return scores
+
+    def model_to_save(self, state: State) -> PeftModel:
+        """The plug-in result: the adapter and head on the full FM."""
+        load_adapter_state(self.full_model, self.plugged(state))
+        return self.full_model
+
+    def summary_fields(self) -> dict[str, str]:
+        foundation_model = self.config.classify.foundation_model
+        return {"adapter_base_model": foundation_model, "foundation_model": foundation_model}

@@ -1,0 +1,57 @@
+"""Local data files (.jsonl, .json, .csv) read record by record, with errors that name the file and the line.
+
+Both method families read their datasets and a device's own data file through `read_records`, then check each
+record against their own schema.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file or dataset and, for a bad row, its line."""
+
+
+def read_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, raw record) for each record, `where` being `file:line` (or `file item N` in a JSON list)."""
+    if not path.is_file():
+        raise DatasetError(f"Dataset file {str(path)!r} does not exist")
+    reader = {".jsonl": _jsonl_records, ".json": _json_records, ".csv": _csv_records}.get(path.suffix)
+    if reader is None:
+        raise DatasetError(f"Data file {str(path)!r} must be .jsonl, .json or .csv")
+    return reader(path)
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{line_number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DatasetError(f"{path}:{line_number}: malformed JSON ({error.msg})") from error
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from error
+    if not isinstance(records, list):
+        raise DatasetError(f"{path}: expected a JSON list of objects")
+    for index, record in enumerate(records):
+        yield f"{path} item {index}", record
+
+
+def _csv_records(path: Path) -> Iterator[tuple[str, object]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for record in reader:
+            if None in record:  # more cells than header columns
+                raise DatasetError(f"{path}:{reader.line_num}: more cells than the header has columns")
+            yield f"{path}:{reader.line_num}", record

@@ -1,0 +1,61 @@
+"""The instruct family's central evaluation: batched greedy decoding on held-out rows, Rouge-L F1 and exact match."""
+
+from __future__ import annotations
+
+import logging
+import re
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from rouge_score import rouge_scorer
+from transformers import PreTrainedTokenizerBase
+
+from fedpt_app.instruct.decoding import DecodingConfig, StepFn, decode
+from fedpt_app.instruct.prompts import build_prompt
+
+
+def _rouge_l_scorer() -> rouge_scorer.RougeScorer:
+    # rouge-score logs through absl, which calls logging.basicConfig() when the root logger has no handler;
+    # that would print every Flower log line twice.
+    guard = logging.NullHandler()
+    logging.getLogger().addHandler(guard)
+    try:
+        return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    finally:
+        logging.getLogger().removeHandler(guard)
+
+
+_SCORER = _rouge_l_scorer()
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+@dataclass(frozen=True)
+class GenerationScores:
+    rouge_l: float  # mean Rouge-L F1, in percent
+    exact_match: float  # percent of normalized predictions equal to the normalized reference
+    predictions: list[str]
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def score(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, float]:
+    """(Rouge-L F1, exact match), both in percent."""
+    rouge = [_SCORER.score(reference, prediction)["rougeL"].fmeasure
+             for prediction, reference in zip(predictions, references, strict=True)]
+    exact = [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)]
+    return 100.0 * sum(rouge) / len(rouge), 100.0 * sum(exact) / len(exact)
+
+
+def evaluate_generation(new_step: Callable[[], StepFn], tokenizer: PreTrainedTokenizerBase,
+                        rows: Sequence[dict[str, str]], *, max_new_tokens: int, batch_size: int) -> GenerationScores:
+    """Greedy answers to `rows` in batches, each batch decoded with a fresh step function (fresh KV caches)."""
+    prompts = [build_prompt(row["instruction"], row.get("context", "")) for row in rows]
+    config = DecodingConfig(max_new_tokens=max_new_tokens)
+    predictions: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        predictions += decode(new_step(), tokenizer, prompts[start:start + batch_size], config)
+    rouge_l, exact_match = score(predictions, [row["response"] for row in rows])
+    return GenerationScores(rouge_l, exact_match, predictions)

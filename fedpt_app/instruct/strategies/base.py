@@ -1,0 +1,81 @@
+"""What the instruct family's strategies share: clients LoRA-tune one model of a same-tokenizer causal-LM pair (the
+small one, unless `trained_role` is "large"); the server evaluates by greedy decoding, Rouge-L and exact match, and
+FedAvg+PT and FedPT also evaluate the proxy-tuned large model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+
+from fedpt_app.federation.strategy import FederatedStrategy, State
+from fedpt_app.instruct.data import load_test_rows
+from fedpt_app.instruct.decoding import StepFn, model_step
+from fedpt_app.instruct.evaluation import evaluate_generation
+from fedpt_app.instruct.proxy import LocalLogitsProvider, large_only_step, proxy_step, shared_vocab_size
+from fedpt_app.models.loading import load_tokenizer
+from fedpt_app.models.lora import LoraSpec, load_adapter_state, lora_model
+from fedpt_app.protocol import RoundConfig
+
+
+class InstructStrategy(FederatedStrategy):
+    trained_role = "small"  # which of the pair the clients LoRA-tune: "small" or "large"
+    score_names = ("rouge_l_small", "rouge_l_proxy", "rouge_l_large")
+    loss_names = ("kd_loss",)
+
+    def load_task(self) -> None:
+        config, instruct = self.config, self.config.instruct
+        large = self.trained_role == "large"
+        self.model_ref = instruct.large_model if large else instruct.small_model
+        quantization = instruct.large_model_quantization if large else "none"
+        self.tokenizer = load_tokenizer(self.model_ref)
+        self.model = lora_model(self.model_ref, LoraSpec.from_settings(config.lora), quantization, config.seed)
+        self.test_rows = load_test_rows(config.data.dataset, config.data.test_dataset, config.data.test_fraction,
+                                        config.seed)[:config.evaluation.eval_samples]
+
+    def round_config(self, number: int) -> RoundConfig:
+        return dataclasses.replace(super().round_config(number), trained_model=self.trained_role)
+
+    def summary_fields(self) -> dict[str, str]:
+        return {"adapter_base_model": self.model_ref, "small_model": self.config.instruct.small_model,
+                "large_model": self.config.instruct.large_model}
+
+    # ---- evaluation -----------------------------------------------------------------------------------------
+    def evaluate_step(self, name: str, new_step: Callable[[], StepFn]) -> dict[str, float]:
+        """Greedy answers on the test rows from one decoding setup, reported as `rouge_l_<name>` and
+        `exact_match_<name>`; the answers go to predictions_<name>.jsonl."""
+        scores = evaluate_generation(new_step, self.tokenizer, self.test_rows,
+                                     max_new_tokens=self.config.instruct.max_new_tokens,
+                                     batch_size=self.config.evaluation.eval_batch_size)
+        self.write_predictions(name, scores.predictions)
+        return {f"rouge_l_{name}": scores.rouge_l, f"exact_match_{name}": scores.exact_match}
+
+    def write_predictions(self, model_name: str, predictions: list[str]) -> None:
+        """The latest evaluation's answers, to read what the model says (overwritten at each evaluation)."""
+        with (self.metrics.output_dir / f"predictions_{model_name}.jsonl").open("w") as handle:
+            for row, prediction in zip(self.test_rows, predictions, strict=True):
+                handle.write(json.dumps({"category": row["category"], "instruction": row["instruction"],
+                                         "context": row.get("context", ""), "reference": row["response"],
+                                         "prediction": prediction}) + "\n")
+
+    def evaluate_trained_model(self, state: State) -> dict[str, float]:
+        """The tuned model itself, with the global adapter."""
+        load_adapter_state(self.model, state)
+        return self.evaluate_step(self.trained_role, lambda: model_step(self.model))
+
+    # ---- the proxy-tuned large model (FedAvg+PT, FedPT) -----------------------------------------------------
+    def load_large(self) -> LocalLogitsProvider:
+        """The large model as a logits provider, over the vocabulary it shares with the small (checked first)."""
+        instruct = self.config.instruct
+        vocab_size = shared_vocab_size(instruct.small_model, instruct.large_model)  # before any training
+        return LocalLogitsProvider(instruct.large_model, vocab_size, instruct.large_model_quantization)
+
+    def evaluate_small_and_proxy(self, server_round: int, state: State,
+                                 large: LocalLogitsProvider) -> dict[str, float]:
+        """The small model with the global adapter, and the proxy-tuned large (round 0: the untuned large)."""
+        scores = self.evaluate_trained_model(state)
+        if server_round == 0:  # the adapter's B is zero: the proxy is exactly the untuned large model
+            return scores | self.evaluate_step("large", lambda: large_only_step(large))
+        load_adapter_state(self.model, state)
+        alpha = self.config.instruct.proxy_alpha
+        return scores | self.evaluate_step("proxy", lambda: proxy_step(large, self.model, alpha))

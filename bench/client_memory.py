@@ -52,8 +52,12 @@ print(json.dumps({"model": ref, "params": sum(p.numel() for p in model.parameter
 
 
 def measure(run_config: str, role: str, partitions: int, steps: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", CLIENT, run_config, role, str(partitions), str(steps)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CLIENT, run_config, role, str(partitions), str(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -63,20 +67,29 @@ def main() -> int:
     parser.add_argument("--num-partitions", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    sides = {"fedpt (small)": measure(args.run_config, "small", args.num_partitions, args.steps),
-             "fedavg-large (large)": measure(args.run_config, "large", args.num_partitions, args.steps)}
-    print(f"{'client':<22}{'params':>12}{'trainable':>11}{'peak RSS MB':>13}{'model+train MB':>16}"
-          f"{'CUDA peak MB':>14}{'s/step':>8}{'bytes/round':>13}")
+    sides = {
+        "fedpt (small)": measure(args.run_config, "small", args.num_partitions, args.steps),
+        "fedavg-large (large)": measure(args.run_config, "large", args.num_partitions, args.steps),
+    }
+    print(
+        f"{'client':<22}{'params':>12}{'trainable':>11}{'peak RSS MB':>13}{'model+train MB':>16}"
+        f"{'CUDA peak MB':>14}{'s/step':>8}{'bytes/round':>13}"
+    )
     for name, m in sides.items():
-        print(f"{name:<22}{m['params']:>12,}{m['trainable']:>11,}{m['peak_rss_mb']:>13.0f}"
-              f"{m['peak_rss_mb'] - m['rss_after_imports_mb']:>16.0f}{m['cuda_peak_mb']:>14.0f}"
-              f"{m['step_seconds']:>8.3f}{m['bytes_per_round']:>13,}")
+        print(
+            f"{name:<22}{m['params']:>12,}{m['trainable']:>11,}{m['peak_rss_mb']:>13.0f}"
+            f"{m['peak_rss_mb'] - m['rss_after_imports_mb']:>16.0f}{m['cuda_peak_mb']:>14.0f}"
+            f"{m['step_seconds']:>8.3f}{m['bytes_per_round']:>13,}"
+        )
     small, large = sides["fedpt (small)"], sides["fedavg-large (large)"]
     saving = lambda key: 100 * (1 - small[key] / large[key]) if large[key] else 0.0  # noqa: E731
-    print(f"\nFedPT vs FedAvg-large: peak RSS -{saving('peak_rss_mb'):.0f}%, "
-          f"model+training memory -{100 * (1 - (small['peak_rss_mb'] - small['rss_after_imports_mb']) / max(large['peak_rss_mb'] - large['rss_after_imports_mb'], 1e-9)):.0f}%, "
-          f"traffic -{saving('bytes_per_round'):.0f}%"
-          + (f", CUDA peak -{saving('cuda_peak_mb'):.0f}%" if large["cuda_peak_mb"] else ""))
+    above_imports = lambda m: m["peak_rss_mb"] - m["rss_after_imports_mb"]  # noqa: E731
+    print(
+        f"\nFedPT vs FedAvg-large: peak RSS -{saving('peak_rss_mb'):.0f}%, "
+        f"model+training memory -{100 * (1 - above_imports(small) / max(above_imports(large), 1e-9)):.0f}%, "
+        f"traffic -{saving('bytes_per_round'):.0f}%"
+        + (f", CUDA peak -{saving('cuda_peak_mb'):.0f}%" if large["cuda_peak_mb"] else "")
+    )
     return 0
 
 

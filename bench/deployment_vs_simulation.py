@@ -4,7 +4,8 @@
 
 Prints the wall time of each, where the difference goes (credentials, SuperLink and SuperNode start, per-round
 framework time), and what one ClientApp task pays in a fresh process in deployment (each task is a new
-`flwr-clientapp` process there): Python imports of the ClientApp, and loading the small model.
+`flwr-clientapp` process there): importing `client_app`, then the family's device task (torch, transformers, peft)
+when the first message arrives, and loading the small model.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ def _framework(rows: list[dict]) -> list[float]:
 
 def _fresh_process_seconds(code: str, repeats: int = 3) -> float:
     """Median wall time of `python -c code` in a fresh process, minus an empty interpreter's start."""
+
     def timed(snippet: str) -> float:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-c", snippet], check=True, cwd=PROJECT_DIR, capture_output=True)
         return time.perf_counter() - started
+
     baseline = statistics.median(timed("pass") for _ in range(repeats))
     return statistics.median(timed(code) for _ in range(repeats)) - baseline
 
@@ -54,8 +57,9 @@ def main() -> int:
     run_config = f"{RUN} {args.run_config}"
 
     started = time.perf_counter()
-    simulated = run_simulation(f"{run_config} output-dir='{work / 'simulation'}'", num_supernodes=2,
-                               flwr_home=work / "flwr-sim", echo=None)
+    simulated = run_simulation(
+        f"{run_config} output-dir='{work / 'simulation'}'", num_supernodes=2, flwr_home=work / "flwr-sim", echo=None
+    )
     simulation_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -70,9 +74,16 @@ def main() -> int:
         return 1
 
     sim_rows, dep_rows = _rows(work / "simulation"), _rows(work / "deployment" / "out")
-    imports = _fresh_process_seconds("import client_app")
-    model_load = _fresh_process_seconds("import client_app\nfrom fedpt_app.models.loading import load_causal_lm\n"
-                                        "load_causal_lm('tiny-small')") - imports
+    app_import = _fresh_process_seconds("import client_app")
+    task_import = _fresh_process_seconds("import client_app, fedpt_app.instruct.device_task")
+    model_load = (
+        _fresh_process_seconds(
+            "import client_app, fedpt_app.instruct.device_task\n"
+            "from fedpt_app.models.loading import load_causal_lm\n"
+            "load_causal_lm('tiny-small')"
+        )
+        - task_import
+    )
     mode = "insecure" if args.insecure else "TLS + SuperNode auth"
     print(f"2-round run, default preset (FedPT), 2 clients; deployment: {mode}")
     print(f"{'':44} {'simulation':>11} {'deployment':>11}")
@@ -82,12 +93,19 @@ def main() -> int:
     print(f"{'  flwr run (submit to end), s':44} {'-':>11} {run_seconds:>11.1f}")
     for label, key in (("round 1 s", 0), ("round 2 s", 1)):
         print(f"{label:44} {sim_rows[key + 1]['round_seconds']:>11.1f} {dep_rows[key + 1]['round_seconds']:>11.1f}")
-        print(f"{'  of which framework (spawn, imports, load)':44} {_framework(sim_rows)[key]:>11.1f} "
-              f"{_framework(dep_rows)[key]:>11.1f}")
-        print(f"{'  of which local training (slowest client)':44} {sim_rows[key + 1]['client_train_seconds']:>11.1f} "
-              f"{dep_rows[key + 1]['client_train_seconds']:>11.1f}")
-    print(f"ClientApp task in a fresh process: imports {imports:.2f} s, small-model load {model_load:.2f} s "
-          f"(paid every round in deployment, once per process in simulation)")
+        print(
+            f"{'  of which framework (spawn, imports, load)':44} {_framework(sim_rows)[key]:>11.1f} "
+            f"{_framework(dep_rows)[key]:>11.1f}"
+        )
+        print(
+            f"{'  of which local training (slowest client)':44} {sim_rows[key + 1]['client_train_seconds']:>11.1f} "
+            f"{dep_rows[key + 1]['client_train_seconds']:>11.1f}"
+        )
+    print(
+        f"ClientApp task in a fresh process: `import client_app` {app_import:.2f} s, with the device task's imports "
+        f"{task_import:.2f} s, small-model load {model_load:.2f} s (paid every round in deployment, once per "
+        "process in simulation)"
+    )
     print(f"SuperLink up and SuperNodes started in {up_seconds:.1f} s; outputs under {work}")
     return 0
 

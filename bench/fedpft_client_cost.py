@@ -81,9 +81,15 @@ def build_bases(model_ref: str, ratio: float) -> dict:
     compress(sub, layers, ratio)
     ffn_bytes = 4 * sum(p.numel() for layer in layers for p in ffn_parameters(find_ffns(sub)[layer], with_norms=False))
     layout = EmulatorLayout.choose(len(transformer_blocks(full)))
-    return {"FedPETuning (full FM)": (full, None, 0), f"FedPFT (sub-FM, ratio {ratio})": (sub, None, ffn_bytes),
-            f"FedOT (emulator {layout.adapter_layers}+{layout.emulator_layers}+{layout.adapter_layers})":
-                (build_emulator(full, layout), layout.emulator_adapter_layers, 0)}
+    return {
+        "FedPETuning (full FM)": (full, None, 0),
+        f"FedPFT (sub-FM, ratio {ratio})": (sub, None, ffn_bytes),
+        f"FedOT (emulator {layout.adapter_layers}+{layout.emulator_layers}+{layout.adapter_layers})": (
+            build_emulator(full, layout),
+            layout.emulator_adapter_layers,
+            0,
+        ),
+    }
 
 
 def main() -> int:
@@ -108,30 +114,55 @@ def main() -> int:
             package = ModelPackage.of(base)
             package_file = Path(folder) / "package.pt"
             torch.save({"config_json": package.config_json, "state": dict(package.state)}, package_file)
-            adapter = to_array_record(adapter_state(lora_classifier(copy.deepcopy(base), LoraSpec(8, 16.0), 0,
-                                                                    lora_layers)), "float32").count_bytes()
-            done = subprocess.run([sys.executable, "-c", DEVICE, str(package_file), args.model, str(args.steps),
-                                   str(args.batch_size), str(args.max_length), json.dumps(lora_layers)],
-                                  capture_output=True, text=True, check=True)
+            adapter = to_array_record(
+                adapter_state(lora_classifier(copy.deepcopy(base), LoraSpec(8, 16.0), 0, lora_layers)), "float32"
+            ).count_bytes()
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    DEVICE,
+                    str(package_file),
+                    args.model,
+                    str(args.steps),
+                    str(args.batch_size),
+                    str(args.max_length),
+                    json.dumps(lora_layers),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             measured = json.loads(done.stdout.strip().splitlines()[-1])
             alignments = args.rounds // args.align_interval if ffn_bytes else 0
-            results[name] = {**measured, "model_bytes": package.to_array_record().count_bytes(),
-                             "adapter_bytes": adapter, "ffn_update_bytes": ffn_bytes,
-                             "total_bytes": package.to_array_record().count_bytes() + 2 * args.rounds * adapter
-                             + alignments * ffn_bytes}
+            results[name] = {
+                **measured,
+                "model_bytes": package.to_array_record().count_bytes(),
+                "adapter_bytes": adapter,
+                "ffn_update_bytes": ffn_bytes,
+                "total_bytes": package.to_array_record().count_bytes()
+                + 2 * args.rounds * adapter
+                + alignments * ffn_bytes,
+            }
     reference = results[next(iter(results))]
-    print(f"Client cost per device, {args.model}, batch {args.batch_size} x {args.max_length} tokens, "
-          f"{args.steps} steps; bytes over {args.rounds} rounds, FedPFT aligning every {args.align_interval}")
-    print("| method | params | trainable | step (s) | vs full | model MB | vs full | load peak MB | training MB | "
-          "model down (MB, once) | adapter per round (MB, each way) | FFN update per alignment (MB) | "
-          "total (MB) |")
+    print(
+        f"Client cost per device, {args.model}, batch {args.batch_size} x {args.max_length} tokens, "
+        f"{args.steps} steps; bytes over {args.rounds} rounds, FedPFT aligning every {args.align_interval}"
+    )
+    print(
+        "| method | params | trainable | step (s) | vs full | model MB | vs full | load peak MB | training MB | "
+        "model down (MB, once) | adapter per round (MB, each way) | FFN update per alignment (MB) | "
+        "total (MB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['params'] / 1e6:.1f}M | {r['trainable'] / 1e3:.0f}K | {r['step_seconds']:.3f} | "
-              f"{r['step_seconds'] / reference['step_seconds']:.2f}x | {r['model_mb']:.0f} | "
-              f"{r['model_mb'] / reference['model_mb']:.2f}x | {r['load_peak_mb']:.0f} | {r['training_mb']:.0f} | "
-              f"{r['model_bytes'] / 1e6:.1f} | {r['adapter_bytes'] / 1e6:.3f} | {r['ffn_update_bytes'] / 1e6:.2f} | "
-              f"{r['total_bytes'] / 1e6:.1f} |")
+        print(
+            f"| {name} | {r['params'] / 1e6:.1f}M | {r['trainable'] / 1e3:.0f}K | {r['step_seconds']:.3f} | "
+            f"{r['step_seconds'] / reference['step_seconds']:.2f}x | {r['model_mb']:.0f} | "
+            f"{r['model_mb'] / reference['model_mb']:.2f}x | {r['load_peak_mb']:.0f} | {r['training_mb']:.0f} | "
+            f"{r['model_bytes'] / 1e6:.1f} | {r['adapter_bytes'] / 1e6:.3f} | {r['ffn_update_bytes'] / 1e6:.2f} | "
+            f"{r['total_bytes'] / 1e6:.1f} |"
+        )
     if any(r["cuda_peak_mb"] for r in results.values()):
         print("CUDA peak MB: " + ", ".join(f"{name} {r['cuda_peak_mb']:.0f}" for name, r in results.items()))
     return 0

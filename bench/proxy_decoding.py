@@ -35,8 +35,11 @@ def large_plus_small_step(large, small):
     large_step, small_step = large_only_step(large), model_step(small)
 
     def step(input_ids, attention_mask, position_ids):
-        return large_step(input_ids, attention_mask, position_ids) + small_step(input_ids, attention_mask,
-                                                                                position_ids)[:, :large.vocab_size]
+        return (
+            large_step(input_ids, attention_mask, position_ids)
+            + small_step(input_ids, attention_mask, position_ids)[:, : large.vocab_size]
+        )
+
     return step
 
 
@@ -52,19 +55,27 @@ def main() -> int:
     tokenizer = load_tokenizer(instruct.small_model)
     small = lora_model(instruct.small_model, LoraSpec.from_settings(config.lora), seed=config.seed)
     generator = torch.Generator().manual_seed(0)
-    load_adapter_state(small, {k: 0.05 * torch.randn(v.shape, generator=generator)
-                               for k, v in adapter_state(small).items()})
+    load_adapter_state(
+        small, {k: 0.05 * torch.randn(v.shape, generator=generator) for k, v in adapter_state(small).items()}
+    )
     small.eval()
-    large = LocalLogitsProvider(instruct.large_model, shared_vocab_size(instruct.small_model, instruct.large_model),
-                                instruct.large_model_quantization)
+    large = LocalLogitsProvider(
+        instruct.large_model,
+        shared_vocab_size(instruct.small_model, instruct.large_model),
+        instruct.large_model_quantization,
+    )
     rows = load_test_rows(data.dataset, data.test_dataset, data.test_fraction, config.seed)
     decoding = DecodingConfig(max_new_tokens=args.new_tokens, stop_strings=(), ignore_eos=True)
-    variants = {"large alone": lambda: large_only_step(large),
-                "large + 1 small fwd": lambda: large_plus_small_step(large, small),
-                "proxy (merged, KV)": lambda: proxy_step(large, small, instruct.proxy_alpha),
-                "naive proxy (no KV)": lambda: naive_proxy_step(large, small, instruct.proxy_alpha)}
-    print(f"pair {instruct.small_model} / {instruct.large_model}, {args.new_tokens} new tokens, greedy, "
-          f"{torch.get_num_threads()} threads, device {next(small.parameters()).device}")
+    variants = {
+        "large alone": lambda: large_only_step(large),
+        "large + 1 small fwd": lambda: large_plus_small_step(large, small),
+        "proxy (merged, KV)": lambda: proxy_step(large, small, instruct.proxy_alpha),
+        "naive proxy (no KV)": lambda: naive_proxy_step(large, small, instruct.proxy_alpha),
+    }
+    print(
+        f"pair {instruct.small_model} / {instruct.large_model}, {args.new_tokens} new tokens, greedy, "
+        f"{torch.get_num_threads()} threads, device {next(small.parameters()).device}"
+    )
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         prompts = [build_prompt(row["instruction"], row.get("context", "")) for row in rows[:batch_size]]
         decode(proxy_step(large, small, 1.0), tokenizer, prompts, DecodingConfig(max_new_tokens=4))  # warm-up
@@ -80,8 +91,10 @@ def main() -> int:
         print(f"\nbatch {batch_size}: {'variant':<22}{'tokens/s':>10}{'x large+1 small':>17}{'x large alone':>15}")
         for name, rate in rates.items():
             print(f"{'':9}{name:<22}{rate:>10.1f}{rate / reference:>17.2f}{rate / rates['large alone']:>15.2f}")
-        print(f"{'':9}speed-up of the proxy over the naive loop: "
-              f"{rates['proxy (merged, KV)'] / rates['naive proxy (no KV)']:.1f}x")
+        print(
+            f"{'':9}speed-up of the proxy over the naive loop: "
+            f"{rates['proxy (merged, KV)'] / rates['naive proxy (no KV)']:.1f}x"
+        )
     return 0
 
 

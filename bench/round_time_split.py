@@ -32,26 +32,39 @@ def main() -> int:
         print(outcome.log[-4000:], file=sys.stderr)
         return 1
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    header = f"{'round':>5} {'total s':>8} {'framework s':>11} {'train s':>8} {'server s':>8} {'eval s':>7} " \
-             f"{'framework %':>11} {'client loads':>12} {'server loads':>12}"
+    header = (
+        f"{'round':>5} {'total s':>8} {'framework s':>11} {'train s':>8} {'server s':>8} {'eval s':>7} "
+        f"{'framework %':>11} {'client loads':>12} {'server loads':>12}"
+    )
     print(header)
     totals = {"round": 0.0, "framework": 0.0, "train": 0.0, "server": 0.0, "eval": 0.0}
     for row in rows:
         train, server = row.get("client_train_seconds", 0.0), row.get("server_step_seconds", 0.0)
         framework = max(0.0, framework_seconds(row))
-        for key, value in (("round", row["round_seconds"]), ("framework", framework), ("train", train),
-                           ("server", server), ("eval", row["eval_seconds"])):
+        for key, value in (
+            ("round", row["round_seconds"]),
+            ("framework", framework),
+            ("train", train),
+            ("server", server),
+            ("eval", row["eval_seconds"]),
+        ):
             totals[key] += value
-        print(f"{row['round']:>5} {row['round_seconds']:>8.2f} {framework:>11.2f} {train:>8.2f} {server:>8.2f} "
-              f"{row['eval_seconds']:>7.2f} {100 * framework / row['round_seconds']:>10.1f}% "
-              f"{row.get('client_model_loads', '-'):>12} {row['server_model_loads']:>12}")
-    print(f"{'all':>5} {totals['round']:>8.2f} {totals['framework']:>11.2f} {totals['train']:>8.2f} "
-          f"{totals['server']:>8.2f} {totals['eval']:>7.2f} {100 * totals['framework'] / totals['round']:>10.1f}%")
+        print(
+            f"{row['round']:>5} {row['round_seconds']:>8.2f} {framework:>11.2f} {train:>8.2f} {server:>8.2f} "
+            f"{row['eval_seconds']:>7.2f} {100 * framework / row['round_seconds']:>10.1f}% "
+            f"{row.get('client_model_loads', '-'):>12} {row['server_model_loads']:>12}"
+        )
+    print(
+        f"{'all':>5} {totals['round']:>8.2f} {totals['framework']:>11.2f} {totals['train']:>8.2f} "
+        f"{totals['server']:>8.2f} {totals['eval']:>7.2f} {100 * totals['framework'] / totals['round']:>10.1f}%"
+    )
     later = [r for r in rows if r["round"] >= 2]
     if later:
         overhead = sum(framework_seconds(r) for r in later) / len(later)
-        print(f"rounds >= 2: framework overhead {overhead:.2f} s per round "
-              f"({overhead / (sum(r['round_seconds'] for r in later) / len(later)):.2f} of the round)")
+        print(
+            f"rounds >= 2: framework overhead {overhead:.2f} s per round "
+            f"({overhead / (sum(r['round_seconds'] for r in later) / len(later)):.2f} of the round)"
+        )
     print(f"outputs: {output}")
     return 0
 

@@ -4,7 +4,7 @@
 #   SUPERNODES=3 docker/up.sh          # demo credentials, compose file for 3 SuperNodes, build, start
 #   GPU=1 docker/up.sh                 # also give the ServerApp executor the host's GPUs (NVIDIA runtime)
 #   CLIENTAPP_THREADS=4 docker/up.sh   # torch threads per ClientApp (default 1: the demo devices share one host)
-# Then submit a run from the host (see README, "Deployment"), e.g.
+# Then submit a run from the host (see docs/deployment.md), e.g.
 #   flwr run . fedpt-docker --stream --run-config "output-dir='/outputs/demo'"
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -38,22 +38,61 @@ FAMILIES = {
 }
 
 _INSTRUCT, _CLASSIFY = FAMILIES[INSTRUCT], FAMILIES[CLASSIFY]
-ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in (
-    Algorithm("fedavg", _INSTRUCT, "fedpt_app.instruct.strategies.fedavg:FedAvgSmall",
-              "FedAvg of the small model's LoRA adapter", "#1f77b4"),
-    Algorithm("fedavg-pt", _INSTRUCT, "fedpt_app.instruct.strategies.fedavg_pt:FedAvgProxyTuning",
-              "FedAvg of the small model's adapter, evaluated as a proxy-tuned large model", "#ff7f0e"),
-    Algorithm("fedpt", _INSTRUCT, "fedpt_app.instruct.strategies.fedpt:FedPT",
-              "FedAvg of the small model's adapter, proxy-tuned large model distilled back into it", "#d62728"),
-    Algorithm("fedavg-large", _INSTRUCT, "fedpt_app.instruct.strategies.fedavg_large:FedAvgLarge",
-              "FedAvg of the large model's own LoRA adapter (the white-box reference)", "#2ca02c"),
-    Algorithm("fedpetuning", _CLASSIFY, "fedpt_app.classify.strategies.fedpetuning:FedPETuning",
-              "LoRA on the full foundation model", "#2ca02c"),
-    Algorithm("fedpft", _CLASSIFY, "fedpt_app.classify.strategies.fedpft:FedPFT",
-              "LoRA on a pruned, aligned sub-FM, plugged into the full FM", "#d62728", aligns_during_fl=True),
-    Algorithm("fedot", _CLASSIFY, "fedpt_app.classify.strategies.fedot:FedOT",
-              "Offsite-tuning: adapter layers around a layer-dropped emulator", "#1f77b4"),
-)}
+ALGORITHMS: dict[str, Algorithm] = {
+    algorithm.name: algorithm
+    for algorithm in (
+        Algorithm(
+            "fedavg",
+            _INSTRUCT,
+            "fedpt_app.instruct.strategies.fedavg:FedAvgSmall",
+            "FedAvg of the small model's LoRA adapter",
+            "#1f77b4",
+        ),
+        Algorithm(
+            "fedavg-pt",
+            _INSTRUCT,
+            "fedpt_app.instruct.strategies.fedavg_pt:FedAvgProxyTuning",
+            "FedAvg of the small model's adapter, evaluated as a proxy-tuned large model",
+            "#ff7f0e",
+        ),
+        Algorithm(
+            "fedpt",
+            _INSTRUCT,
+            "fedpt_app.instruct.strategies.fedpt:FedPT",
+            "FedAvg of the small model's adapter, proxy-tuned large model distilled back into it",
+            "#d62728",
+        ),
+        Algorithm(
+            "fedavg-large",
+            _INSTRUCT,
+            "fedpt_app.instruct.strategies.fedavg_large:FedAvgLarge",
+            "FedAvg of the large model's own LoRA adapter (the white-box reference)",
+            "#2ca02c",
+        ),
+        Algorithm(
+            "fedpetuning",
+            _CLASSIFY,
+            "fedpt_app.classify.strategies.fedpetuning:FedPETuning",
+            "LoRA on the full foundation model",
+            "#2ca02c",
+        ),
+        Algorithm(
+            "fedpft",
+            _CLASSIFY,
+            "fedpt_app.classify.strategies.fedpft:FedPFT",
+            "LoRA on a pruned, aligned sub-FM, plugged into the full FM",
+            "#d62728",
+            aligns_during_fl=True,
+        ),
+        Algorithm(
+            "fedot",
+            _CLASSIFY,
+            "fedpt_app.classify.strategies.fedot:FedOT",
+            "Offsite-tuning: adapter layers around a layer-dropped emulator",
+            "#1f77b4",
+        ),
+    )
+}
 DEFAULT_ALGORITHM = "fedpt"
 
 

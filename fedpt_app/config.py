@@ -62,8 +62,10 @@ class DataConfig(Section):
     test_fraction: float = 0.1
 
     def validate(self) -> None:
-        check(self.partitioner in PARTITIONERS + ("",),
-              f"partitioner={self.partitioner!r}; choose one of {PARTITIONERS} (or \"\" for the family's default)")
+        check(
+            self.partitioner in PARTITIONERS + ("",),
+            f'partitioner={self.partitioner!r}; choose one of {PARTITIONERS} (or "" for the family\'s default)',
+        )
         check(self.dirichlet_alpha > 0.0, "dirichlet-alpha must be positive")
         check(self.classes_per_partition >= 1, "classes-per-partition must be at least 1")
         check(0.0 < self.test_fraction < 1.0, "test-fraction must be in (0, 1)")
@@ -106,11 +108,15 @@ class PrivacyConfig(Section):
         _choice("dp-mode", self.dp_mode, DP_MODES)
         check(self.dp_clipping_norm > 0.0, f"dp-clipping-norm must be positive, got {self.dp_clipping_norm}")
         check(self.dp_noise_multiplier >= 0.0, "dp-noise-multiplier must be 0 or more")
-        check(not (self.secure_aggregation and self.dp_mode != "off"),
-              "secure-aggregation=true cannot be combined with dp-mode yet (the server sees only the weighted sum)")
+        check(
+            not (self.secure_aggregation and self.dp_mode != "off"),
+            "secure-aggregation=true cannot be combined with dp-mode yet (the server sees only the weighted sum)",
+        )
         check(0.0 < self.secagg_num_shares <= 1.0, "secagg-num-shares must be a proportion in (0, 1]")
-        check(0.5 < self.secagg_reconstruction_threshold <= 1.0,
-              "secagg-reconstruction-threshold must be a proportion in (0.5, 1]")
+        check(
+            0.5 < self.secagg_reconstruction_threshold <= 1.0,
+            "secagg-reconstruction-threshold must be a proportion in (0.5, 1]",
+        )
         check(self.secagg_max_weight > 0.0, "secagg-max-weight must be positive")
 
 
@@ -212,8 +218,10 @@ class ClassifyConfig(Section):
 
     def validate(self) -> None:
         check(0.0 <= self.compress_ratio < 1.0, f"compress-ratio must be in [0, 1), got {self.compress_ratio}")
-        check(all(part.strip().isdigit() for part in self.compressed_layers.split(",") if part.strip()),
-              f"compressed-layers must be comma-separated layer indices, got {self.compressed_layers!r}")
+        check(
+            all(part.strip().isdigit() for part in self.compressed_layers.split(",") if part.strip()),
+            f"compressed-layers must be comma-separated layer indices, got {self.compressed_layers!r}",
+        )
         check(self.align_steps >= 0 and self.align_round_steps >= 0, "align-steps and align-round-steps must be >= 0")
         check(self.align_lr > 0.0, f"align-lr must be positive, got {self.align_lr}")
         check(self.align_mu >= 0.0, "align-mu must be 0 or more")
@@ -221,8 +229,10 @@ class ClassifyConfig(Section):
         check(self.align_interval >= 1, "align-interval must be at least 1")
         check(0.0 < self.align_proportion <= 1.0, "align-proportion must be in (0, 1]")
         check(self.public_samples >= 0, "public-samples must be 0 (the whole public split) or more")
-        check(self.fedot_adapter_layers >= 0 and self.fedot_emulator_layers >= 0,
-              "fedot-adapter-layers and fedot-emulator-layers must be 0 (automatic) or more")
+        check(
+            self.fedot_adapter_layers >= 0 and self.fedot_emulator_layers >= 0,
+            "fedot-adapter-layers and fedot-emulator-layers must be 0 (automatic) or more",
+        )
 
     def compressed_layer_indices(self, num_layers: int) -> list[int]:
         """The FFN layers FedPFT compresses: `compressed-layers`, or all but the first and the last."""
@@ -230,8 +240,10 @@ class ClassifyConfig(Section):
             return list(range(1, num_layers - 1))
         indices = sorted({int(part) for part in self.compressed_layers.split(",") if part.strip()})
         if indices[-1] >= num_layers:
-            raise ConfigError(f"compressed-layers={self.compressed_layers!r} names layer {indices[-1]}, but the "
-                              f"foundation model has {num_layers} layers (0..{num_layers - 1})")
+            raise ConfigError(
+                f"compressed-layers={self.compressed_layers!r} names layer {indices[-1]}, but the "
+                f"foundation model has {num_layers} layers (0..{num_layers - 1})"
+            )
         return indices
 
 
@@ -262,13 +274,16 @@ class RunConfig:
         unknown = sorted(set(raw) - set(valid))
         if unknown:
             raise ConfigError(f"Unknown config key(s) {unknown}. Valid keys: {', '.join(valid)}")
-        top = {name: _coerce(key, raw[key], type_name) for key, (name, type_name) in TOP_LEVEL_KEYS.items()
-               if key in raw}
+        top = {
+            name: _coerce(key, raw[key], type_name) for key, (name, type_name) in TOP_LEVEL_KEYS.items() if key in raw
+        }
         config = cls(**top)
         _choice("algorithm", config.algorithm, tuple(ALGORITHMS))
         check(config.preset in PRESETS, f"preset={config.preset!r}; choose one of {sorted(PRESETS)}")
-        check(config.output_dir == "" or os.path.isabs(os.path.expanduser(config.output_dir)),
-              f"output-dir must be an absolute path (or empty for the default), got {config.output_dir!r}")
+        check(
+            config.output_dir == "" or os.path.isabs(os.path.expanduser(config.output_dir)),
+            f"output-dir must be an absolute path (or empty for the default), got {config.output_dir!r}",
+        )
         preset = PRESETS[config.preset].fills(config.family.name)
         filled = {key: value for key, value in preset.items() if raw.get(key, "") == ""}
         sections = {name: _build_section(section, {**raw, **filled}) for name, section in SECTIONS.items()}
@@ -277,19 +292,28 @@ class RunConfig:
         return config
 
     def _check_family(self) -> None:
+        check(
+            not self.privacy.secure_aggregation or self.family.secure_aggregation,
+            f"secure-aggregation is not supported for {self.algorithm} yet",
+        )
         if self.family.name == INSTRUCT:
-            check(self.instruct.small_model != "" and self.instruct.large_model != "" and self.data.dataset != "",
-                  f"preset={self.preset!r} has no instruction-tuning models: choose another preset or set "
-                  f"small-model, large-model and dataset")
+            check(
+                self.instruct.small_model != "" and self.instruct.large_model != "" and self.data.dataset != "",
+                f"preset={self.preset!r} has no instruction-tuning models: choose another preset or set "
+                f"small-model, large-model and dataset",
+            )
             return
-        check(self.classify.foundation_model != "" and self.data.dataset != "",
-              f"preset={self.preset!r} has no classification model and data: set foundation-model and dataset, "
-              f"or use preset='minilm-rt'")
-        check(not self.privacy.secure_aggregation or self.family.secure_aggregation,
-              f"secure-aggregation is not supported for {self.algorithm} yet")
-        check(self.federation.wire_dtype == "float32" or not self.classify.align_during
-              or not self.method.aligns_during_fl,
-              f"{self.algorithm}'s aligned FFN weights travel as float32; use wire-dtype='float32'")
+        check(
+            self.classify.foundation_model != "" and self.data.dataset != "",
+            f"preset={self.preset!r} has no classification model and data: set foundation-model and dataset, "
+            f"or use preset='minilm-rt'",
+        )
+        check(
+            self.federation.wire_dtype == "float32"
+            or not self.classify.align_during
+            or not self.method.aligns_during_fl,
+            f"{self.algorithm}'s aligned FFN weights travel as float32; use wire-dtype='float32'",
+        )
 
     # ---- views ------------------------------------------------------------------------------------------
     @property
@@ -324,11 +348,22 @@ class RunConfig:
         return default_output_root() / f"{self.algorithm}-{self.preset}-seed{self.seed}"
 
 
-TOP_LEVEL_KEYS = {"algorithm": ("algorithm", "str"), "preset": ("preset", "str"), "output-dir": ("output_dir", "str"),
-                  "seed": ("seed", "int")}  # key -> (field, type)
-SECTIONS: dict[str, type[Section]] = {"data": DataConfig, "federation": FederationConfig, "privacy": PrivacyConfig,
-                                      "training": TrainingConfig, "lora": LoraSettings, "evaluation": EvaluationConfig,
-                                      "instruct": InstructConfig, "classify": ClassifyConfig}
+TOP_LEVEL_KEYS = {
+    "algorithm": ("algorithm", "str"),
+    "preset": ("preset", "str"),
+    "output-dir": ("output_dir", "str"),
+    "seed": ("seed", "int"),
+}  # key -> (field, type)
+SECTIONS: dict[str, type[Section]] = {
+    "data": DataConfig,
+    "federation": FederationConfig,
+    "privacy": PrivacyConfig,
+    "training": TrainingConfig,
+    "lora": LoraSettings,
+    "evaluation": EvaluationConfig,
+    "instruct": InstructConfig,
+    "classify": ClassifyConfig,
+}
 
 
 def _build_section(section: type[Section], raw: Mapping[str, Any]) -> Section:

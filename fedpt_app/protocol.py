@@ -67,15 +67,22 @@ class RoundConfig:
             base = None
             if "base-id" in record:
                 layers = record.get("lora-layers")
-                base = ClientBase(str(record["base-id"]), int(record["base-version"]),
-                                  str(record.get("base-config", "")),
-                                  tuple(int(layer) for layer in layers) if layers else None)
+                base = ClientBase(
+                    str(record["base-id"]),
+                    int(record["base-version"]),
+                    str(record.get("base-config", "")),
+                    tuple(int(layer) for layer in layers) if layers else None,
+                )
             count_apoz = record.get("count-apoz")
             clipping_norm = record.get(CLIPPING_NORM_KEY)
-            return cls(int(record["server-round"]), float(record["lr"]),
-                       float(clipping_norm) if clipping_norm is not None else None,
-                       str(record["model"]) if "model" in record else None, base,
-                       bool(count_apoz) if count_apoz is not None else None)
+            return cls(
+                int(record["server-round"]),
+                float(record["lr"]),
+                float(clipping_norm) if clipping_norm is not None else None,
+                str(record["model"]) if "model" in record else None,
+                base,
+                bool(count_apoz) if count_apoz is not None else None,
+            )
         except (KeyError, TypeError, ValueError) as error:
             raise ProtocolError(f"The round config {dict(record)} is not this app's: {error}") from error
 

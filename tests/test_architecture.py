@@ -16,23 +16,36 @@ from fedpt_app.algorithms import ALGORITHMS, FAMILIES
 PROJECT = Path(__file__).resolve().parent.parent
 PACKAGE = PROJECT / "fedpt_app"
 # the federation core, the tools, every strategy, distillation, the proxy, decoding and the server's evaluations
-SERVER_SIDE = ("fedpt_app.federation", "fedpt_app.tools", "fedpt_app.instruct.strategies",
-               "fedpt_app.classify.strategies", "fedpt_app.instruct.distill", "fedpt_app.instruct.proxy",
-               "fedpt_app.instruct.decoding", "fedpt_app.instruct.evaluation", "fedpt_app.classify.evaluation",
-               "fedpt_app.classify.compression.alignment", "fedpt_app.classify.compression.emulator")
+SERVER_SIDE = (
+    "fedpt_app.federation",
+    "fedpt_app.tools",
+    "fedpt_app.instruct.strategies",
+    "fedpt_app.classify.strategies",
+    "fedpt_app.instruct.distill",
+    "fedpt_app.instruct.proxy",
+    "fedpt_app.instruct.decoding",
+    "fedpt_app.instruct.evaluation",
+    "fedpt_app.classify.evaluation",
+    "fedpt_app.classify.compression.alignment",
+    "fedpt_app.classify.compression.emulator",
+)
 
 
 def _modules() -> dict[str, Path]:
-    return {".".join(path.relative_to(PROJECT).with_suffix("").parts).removesuffix(".__init__"): path
-            for path in sorted(PACKAGE.rglob("*.py"))}
+    return {
+        ".".join(path.relative_to(PROJECT).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_device_process_imports_no_server_module(family):
     """`import client_app` in a fresh interpreter, then the family's device task as the first message would."""
-    code = (f"import sys, json, client_app; before = sorted(sys.modules)\n"
-            f"import {FAMILIES[family].device_task}\n"
-            f"print(json.dumps([before, sorted(m for m in sys.modules if m.startswith('fedpt_app'))]))")
+    code = (
+        f"import sys, json, client_app; before = sorted(sys.modules)\n"
+        f"import {FAMILIES[family].device_task}\n"
+        f"print(json.dumps([before, sorted(m for m in sys.modules if m.startswith('fedpt_app'))]))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True)
     at_import, after_task = json.loads(result.stdout.strip().splitlines()[-1])
     assert "client_app" in at_import and "fedpt_app.device.mods" in at_import
@@ -56,8 +69,12 @@ def test_no_module_over_400_lines_and_no_function_over_60():
 def _imports(path: Path, module: str) -> set[str]:
     """The package modules `module` imports when it runs (module and function level; not `if TYPE_CHECKING`)."""
     tree = ast.parse(path.read_text())
-    skipped = {id(child) for node in ast.walk(tree) if isinstance(node, ast.If)
-               and "TYPE_CHECKING" in ast.unparse(node.test) for child in ast.walk(node)}
+    skipped = {
+        id(child)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for child in ast.walk(node)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in skipped:
@@ -81,7 +98,7 @@ def test_the_package_imports_form_no_cycle():
         state[node] = 1
         for target in sorted(graph[node]):
             if state.get(target) == 1:
-                raise AssertionError(f"import cycle: {' -> '.join(trail[trail.index(target):] + [target])}")
+                raise AssertionError(f"import cycle: {' -> '.join(trail[trail.index(target) :] + [target])}")
             if target not in state:
                 visit(target, trail + [target])
         state[node] = 2

@@ -41,8 +41,11 @@ def test_local_files_number_label_names_and_name_the_bad_line(tmp_path):
 
 def test_sentence_pairs_are_encoded_together_and_padded(tmp_path):
     tokenizer = load_tokenizer("all-minilm-l6-v2")
-    encoded = encode_rows(tokenizer, [{"text": "is it good?", "text_pair": "yes it is", "label": 1},
-                                      {"text": "no", "text_pair": "bad", "label": 0}], 16)
+    encoded = encode_rows(
+        tokenizer,
+        [{"text": "is it good?", "text_pair": "yes it is", "label": 1}, {"text": "no", "text_pair": "bad", "label": 0}],
+        16,
+    )
     batch = collate(encoded, tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["token_type_ids"].shape == batch["attention_mask"].shape
     assert batch["token_type_ids"][0].max() == 1 and batch["labels"].tolist() == [1, 0]

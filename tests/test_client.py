@@ -15,24 +15,44 @@ from tests.test_reliability import _received
 
 @pytest.fixture
 def instruction(tiny_model_dir, tmp_path):
-    config = RunConfig.from_mapping({"algorithm": "fedavg", "small-model": str(tiny_model_dir),
-                                     "lora-target-modules": "q_proj,v_proj", "output-dir": str(tmp_path / "out")})
+    config = RunConfig.from_mapping(
+        {
+            "algorithm": "fedavg",
+            "small-model": str(tiny_model_dir),
+            "lora-target-modules": "q_proj,v_proj",
+            "output-dir": str(tmp_path / "out"),
+        }
+    )
     arrays = FedAvgSmall(config).initial_arrays()
-    return _received(0, RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(
-        {"lr": 0.001, "model": "small", "server-round": 1})}))
+    return _received(
+        0,
+        RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"lr": 0.001, "model": "small", "server-round": 1})}),
+    )
 
 
 def _context(tiny_model_dir, node_config):
-    return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(),
-                   run_config={"algorithm": "fedavg", "small-model": str(tiny_model_dir),
-                               "lora-target-modules": "q_proj,v_proj", "local-epochs": 1})
+    return Context(
+        run_id=1,
+        node_id=5,
+        node_config=node_config,
+        state=RecordDict(),
+        run_config={
+            "algorithm": "fedavg",
+            "small-model": str(tiny_model_dir),
+            "lora-target-modules": "q_proj,v_proj",
+            "local-epochs": 1,
+        },
+    )
 
 
-def test_a_device_trains_on_its_own_data_file_and_uses_its_model_cache(tiny_model_dir, instruction, tmp_path,
-                                                                       monkeypatch):
+def test_a_device_trains_on_its_own_data_file_and_uses_its_model_cache(
+    tiny_model_dir, instruction, tmp_path, monkeypatch
+):
     monkeypatch.delenv("FEDPT_CACHE", raising=False)
-    rows = [{"instruction": f"Say {word}.", "context": "", "response": word, "category": "echo"}
-            for word in ("red", "green", "blue")]
+    rows = [
+        {"instruction": f"Say {word}.", "context": "", "response": word, "category": "echo"}
+        for word in ("red", "green", "blue")
+    ]
     data_file = tmp_path / "device.jsonl"
     data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
     cache = tmp_path / "device-cache"

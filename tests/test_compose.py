@@ -44,7 +44,12 @@ def test_at_least_one_supernode():
 def test_docker_compose_accepts_the_files(tmp_path):
     shutil.copytree(DOCKER, tmp_path / "docker", ignore=shutil.ignore_patterns("credentials", "outputs"))
     write_compose(4, tmp_path / "docker" / "compose.yaml")
-    result = subprocess.run(["docker-compose", "-f", "compose.yaml", "-f", "compose.gpu.yaml", "config"],
-                            cwd=tmp_path / "docker", capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["docker-compose", "-f", "compose.yaml", "-f", "compose.gpu.yaml", "config"],
+        cwd=tmp_path / "docker",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert set(yaml.safe_load(result.stdout)["services"]) >= {"superlink", "serverapp", "supernode-4", "clientapp-4"}

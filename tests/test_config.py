@@ -21,19 +21,41 @@ def test_unknown_key_lists_the_valid_keys():
     assert "Valid keys" in str(error.value)
 
 
-@pytest.mark.parametrize("key,value", [("lr", "fast"), ("num-server-rounds", 2.5), ("lora-r", True),
-                                       ("small-model", 3), ("secure-aggregation", 1),
-                                       ("secure-aggregation", "yes")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("lr", "fast"),
+        ("num-server-rounds", 2.5),
+        ("lora-r", True),
+        ("small-model", 3),
+        ("secure-aggregation", 1),
+        ("secure-aggregation", "yes"),
+    ],
+)
 def test_wrong_type_is_rejected(key, value):
     with pytest.raises(ConfigError, match=key):
         RunConfig.from_mapping({key: value})
 
 
-@pytest.mark.parametrize("key,value", [("lr", -1.0), ("fraction-train", 1.5), ("lora-r", 0), ("algorithm", "fedsgd"),
-                                       ("partitioner", "shards"), ("output-dir", "relative/dir"), ("preset", "huge"),
-                                       ("round-timeout", 0.0), ("max-update-norm", -1.0), ("max-num-examples", 0),
-                                       ("dp-mode", "local"), ("dp-clipping-norm", 0.0),
-                                       ("dp-noise-multiplier", -0.1), ("secagg-reconstruction-threshold", 0.5)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("lr", -1.0),
+        ("fraction-train", 1.5),
+        ("lora-r", 0),
+        ("algorithm", "fedsgd"),
+        ("partitioner", "shards"),
+        ("output-dir", "relative/dir"),
+        ("preset", "huge"),
+        ("round-timeout", 0.0),
+        ("max-update-norm", -1.0),
+        ("max-num-examples", 0),
+        ("dp-mode", "local"),
+        ("dp-clipping-norm", 0.0),
+        ("dp-noise-multiplier", -0.1),
+        ("secagg-reconstruction-threshold", 0.5),
+    ],
+)
 def test_out_of_range_values_are_rejected(key, value):
     with pytest.raises(ConfigError):
         RunConfig.from_mapping({key: value})

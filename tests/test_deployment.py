@@ -49,8 +49,7 @@ def test_tls_with_supernode_authentication_runs_and_refuses_unregistered_devices
             _check_two_rounds(outcome, output, "fedpt")
 
             rogue_key = tmp_path / "rogue"
-            subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(rogue_key)],
-                           check=True)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(rogue_key)], check=True)
             rogue = deployment.start_supernode(1, private_key=rogue_key, name="rogue")
             assert rogue.wait(timeout=120) != 0
             assert "Failed to activate SuperNode" in (deployment.logs / "rogue.log").read_text()

@@ -33,8 +33,10 @@ def test_kd_loss_averages_over_positions():
 
 def test_response_positions_are_those_predicting_response_tokens():
     labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 4, -100, -100, -100]])
-    assert response_positions(labels).tolist() == [[False, True, True, False, False],
-                                                  [True, False, False, False, False]]
+    assert response_positions(labels).tolist() == [
+        [False, True, True, False, False],
+        [True, False, False, False, False],
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,9 @@ def pair(tiny_model_dir, tiny_large_dir, tiny_tokenizer):
 def _distiller(pair, tmp_path, mode, budget_mb=64.0, steps=3):
     small, large, examples = pair
     config = DistillConfig(alpha=1.0, temperature=1.0, steps=steps, lr=5e-3, batch_size=8, seed=0)
-    return ProxyDistiller(small, large, examples, config, pad_token_id=0, cache_mode=mode,
-                          cache_budget_mb=budget_mb, cache_dir=tmp_path)
+    return ProxyDistiller(
+        small, large, examples, config, pad_token_id=0, cache_mode=mode, cache_budget_mb=budget_mb, cache_dir=tmp_path
+    )
 
 
 def _teacher_adapter(small):

@@ -31,8 +31,7 @@ def _rows(output):
 
 @pytest.fixture(scope="module")
 def fedavg_run(tmp_path_factory):
-    return _simulate(tmp_path_factory.mktemp("fedavg"),
-                     f"algorithm='fedavg' {QUICK}")
+    return _simulate(tmp_path_factory.mktemp("fedavg"), f"algorithm='fedavg' {QUICK}")
 
 
 def test_fedavg_run_completes_and_writes_metrics(fedavg_run):
@@ -144,8 +143,9 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter(tmp_path):
     home, output = tmp_path / "crash" / "flwr", tmp_path / "crash" / "out"
     run_config = f"{overrides} output-dir='{output}'"
     outcomes = []
-    runner = threading.Thread(target=lambda: outcomes.append(
-        run_simulation(run_config, num_supernodes=2, flwr_home=home, echo=None)))
+    runner = threading.Thread(
+        target=lambda: outcomes.append(run_simulation(run_config, num_supernodes=2, flwr_home=home, echo=None))
+    )
     runner.start()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and runner.is_alive():
@@ -190,8 +190,9 @@ def test_a_round_with_crashing_nan_and_misshapen_clients_aggregates_the_honest_o
     shutil.copy(project / "server_app.py", app)
     shutil.copy(project / "tests" / "fault_app" / "faulty_client_app.py", app)
     pyproject = (project / "pyproject.toml").read_text()
-    (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "client_app:app"',
-                                                          'clientapp = "faulty_client_app:app"'))
+    (app / "pyproject.toml").write_text(
+        pyproject.replace('clientapp = "client_app:app"', 'clientapp = "faulty_client_app:app"')
+    )
     tiny_preset_dir()
     output = tmp_path / "out"
     run_config = f"algorithm='fedavg' num-server-rounds=1 fraction-train=1.0 eval-samples=9 output-dir='{output}'"
@@ -208,10 +209,22 @@ def test_a_round_with_crashing_nan_and_misshapen_clients_aggregates_the_honest_o
     initial = to_array_record(adapter_state(model), "float32")
     states, weights = [], []
     for partition in (0, 1):
-        context = Context(run_id=1, node_id=partition, node_config={"partition-id": partition, "num-partitions": 5},
-                          state=RecordDict(), run_config=config.to_mapping())
-        instruction = _received(0, RecordDict({ARRAYS_KEY: initial, CONFIG_KEY: ConfigRecord(
-            {"lr": config.round_lr(1), "model": "small", "server-round": 1})}))
+        context = Context(
+            run_id=1,
+            node_id=partition,
+            node_config={"partition-id": partition, "num-partitions": 5},
+            state=RecordDict(),
+            run_config=config.to_mapping(),
+        )
+        instruction = _received(
+            0,
+            RecordDict(
+                {
+                    ARRAYS_KEY: initial,
+                    CONFIG_KEY: ConfigRecord({"lr": config.round_lr(1), "model": "small", "server-round": 1}),
+                }
+            ),
+        )
         reply = train(instruction, context)
         states.append(from_array_record(reply.content[ARRAYS_KEY]))
         weights.append(float(reply.content[METRICS_KEY]["num-examples"]))
@@ -223,9 +236,12 @@ def test_a_round_with_crashing_nan_and_misshapen_clients_aggregates_the_honest_o
 
 
 def test_client_side_dp_clips_on_the_devices_and_noises_the_aggregate(tmp_path):
-    outcome, output, _ = _simulate(tmp_path, "algorithm='fedavg' num-server-rounds=2 fraction-train=1.0 "
-                                             "eval-samples=9 dp-mode='client' dp-clipping-norm=0.05 "
-                                             "dp-noise-multiplier=0.5")
+    outcome, output, _ = _simulate(
+        tmp_path,
+        "algorithm='fedavg' num-server-rounds=2 fraction-train=1.0 "
+        "eval-samples=9 dp-mode='client' dp-clipping-norm=0.05 "
+        "dp-noise-multiplier=0.5",
+    )
     assert outcome.succeeded, outcome.log[-3000:]
     for row in _rows(output)[1:]:
         assert row["clients"] == 2 and row["rejected"] == 0
@@ -234,8 +250,11 @@ def test_client_side_dp_clips_on_the_devices_and_noises_the_aggregate(tmp_path):
 
 
 def test_secure_aggregation_runs_secagg_plus_and_aggregates_like_fedavg(tmp_path):
-    outcome, output, _ = _simulate(tmp_path, "algorithm='fedpt' num-server-rounds=2 fraction-train=1.0 "
-                                             "eval-samples=9 kd-steps=2 secure-aggregation=true", num_supernodes=3)
+    outcome, output, _ = _simulate(
+        tmp_path,
+        "algorithm='fedpt' num-server-rounds=2 fraction-train=1.0 eval-samples=9 kd-steps=2 secure-aggregation=true",
+        num_supernodes=3,
+    )
     assert outcome.succeeded, outcome.log[-3000:]
     assert "aggregate_fit: received 3 results and 0 failures" in outcome.log  # logged by SecAggPlusWorkflow
     rows = _rows(output)

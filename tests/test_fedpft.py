@@ -16,15 +16,23 @@ from fedpt_app.classify.compression.apoz import count_zero_activations, neurons_
 from fedpt_app.classify.compression.emulator import EmulatorLayout, blocks_path, build_emulator, plug_into_full
 from fedpt_app.classify.compression.ffn import compress, find_ffns, most_salient, neuron_saliency
 from fedpt_app.classify.models import ModelPackage, lora_classifier
-from fedpt_app.config import ConfigError, RunConfig
+from fedpt_app.config import ClassifyConfig, ConfigError, RunConfig
 from fedpt_app.models.lora import LoraSpec, adapter_state
 
 
 def tiny_bert(layers: int = 3, hidden: int = 4, ffn: int = 6, seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=20, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=ffn, max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=20,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=ffn,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -64,10 +72,10 @@ def test_the_pruned_ffn_is_the_full_ffn_restricted_to_the_kept_neurons():
 
 
 def test_compressed_layers_default_to_all_but_first_and_last():
-    assert RunConfig().compressed_layer_indices(6) == [1, 2, 3, 4]
-    assert RunConfig(compressed_layers="0,2").compressed_layer_indices(6) == [0, 2]
+    assert ClassifyConfig().compressed_layer_indices(6) == [1, 2, 3, 4]
+    assert ClassifyConfig(compressed_layers="0,2").compressed_layer_indices(6) == [0, 2]
     with pytest.raises(ConfigError, match="layer 7"):
-        RunConfig(compressed_layers="7").compressed_layer_indices(6)
+        ClassifyConfig(compressed_layers="7").compressed_layer_indices(6)
 
 
 def test_the_product_regularizer_has_the_hand_value_and_a_gradient():
@@ -92,8 +100,10 @@ def test_apoz_counts_non_positive_pre_activations_on_real_tokens_only():
     with torch.no_grad():  # pre-activation = bias whatever the input
         ffn.up.weight.zero_()
         ffn.up.bias.copy_(torch.tensor([1.0, -1.0, 0.0, 2.0, -0.5, 0.1]))
-    batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 0, 0, 0], [6, 7, 0, 0, 0, 0, 0, 0]]),
-             "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]])}
+    batch = {
+        "input_ids": torch.tensor([[1, 2, 3, 4, 5, 0, 0, 0], [6, 7, 0, 0, 0, 0, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]]),
+    }
     counts, tokens = count_zero_activations(model, [1], [batch])
     assert tokens == 7
     assert counts[1].tolist() == [0, 7, 7, 0, 7, 0]
@@ -115,11 +125,14 @@ def test_frozen_neurons_do_not_change_during_alignment():
     update = torch.tensor([True, False, True, False, False, True])
     masks = neuron_masks(ffn, update)
     torch.manual_seed(0)
-    data = [{"input_ids": torch.randint(1, 20, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
-            for _ in range(3)]
+    data = [
+        {"input_ids": torch.randint(1, 20, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
+        for _ in range(3)
+    ]
     with only_trainable(student, list(masks)):
-        result = distill(teacher, student, list(masks), iter(data), pairs=[(2, 2)], steps=3, lr=0.05,
-                         gradient_masks=masks)
+        result = distill(
+            teacher, student, list(masks), iter(data), pairs=[(2, 2)], steps=3, lr=0.05, gradient_masks=masks
+        )
     assert result.steps == 3
     frozen = ~update
     assert torch.equal(ffn.up.weight[frozen], before_up[frozen])
@@ -172,8 +185,11 @@ def test_classification_config_is_validated():
     with pytest.raises(ConfigError, match="no instruction-tuning models"):
         RunConfig.from_mapping({"algorithm": "fedavg", "preset": "minilm-rt"})
     config = RunConfig.from_mapping({"algorithm": "fedpft"})
-    assert (config.classify.foundation_model, config.data.dataset, config.data.partitioner) == ("all-minilm-l6-v2", "rotten-tomatoes",
-                                                                             "dirichlet")
+    assert (config.classify.foundation_model, config.data.dataset, config.data.partitioner) == (
+        "all-minilm-l6-v2",
+        "rotten-tomatoes",
+        "dirichlet",
+    )
 
 
 def test_apoz_replies_are_validated():
@@ -187,15 +203,23 @@ def test_apoz_replies_are_validated():
     from tests.test_reliability import GOOD_METRICS, _received
 
     state = {"lora_A": torch.zeros(2, 4)}
-    rules = UpdateRules(state, "float32", 0.0, 1000,
-                        extra_records={APOZ_KEY: functools.partial(apoz_record_problem, widths={"layer-1": 3})})
+    rules = UpdateRules(
+        state,
+        "float32",
+        0.0,
+        1000,
+        extra_records={APOZ_KEY: functools.partial(apoz_record_problem, widths={"layer-1": 3})},
+    )
 
     def reply(counts, tokens=10.0, with_apoz=True):
-        records = {ARRAYS_KEY: to_array_record(state, "float32"),
-                   METRICS_KEY: MetricRecord({"num-examples": 5, **GOOD_METRICS})}
+        records = {
+            ARRAYS_KEY: to_array_record(state, "float32"),
+            METRICS_KEY: MetricRecord({"num-examples": 5, **GOOD_METRICS}),
+        }
         if with_apoz:
-            records[APOZ_KEY] = ArrayRecord({"layer-1": Array(np.array(counts, dtype=np.float64)),
-                                             "tokens": Array(np.array([tokens]))})
+            records[APOZ_KEY] = ArrayRecord(
+                {"layer-1": Array(np.array(counts, dtype=np.float64)), "tokens": Array(np.array([tokens]))}
+            )
         return _received(7, RecordDict(records))
 
     assert check_reply(reply([0, 3, 10]), rules).problem is None
@@ -225,17 +249,24 @@ def test_a_derived_base_is_built_once_per_recipe(tmp_path, monkeypatch):
     assert torch.allclose(first(input_ids=ids).logits, second(input_ids=ids).logits, atol=1e-6)
 
 
-def test_fedpft_sends_each_client_what_it_lacks_and_checkpoints_its_aligned_ffns(tiny_bert_dir, tmp_path,
-                                                                                 monkeypatch):
+def test_fedpft_sends_each_client_what_it_lacks_and_checkpoints_its_aligned_ffns(tiny_bert_dir, tmp_path, monkeypatch):
     from fedpt_app.classify.strategies.fedpft import FedPFT
-    from fedpt_app.federation.round_state import RoundState
     from fedpt_app.models.lora import from_array_record
     from fedpt_app.protocol import BASE_MODEL_KEY, FFN_UPDATE_KEY
 
     monkeypatch.setenv("FEDPT_CACHE", str(tmp_path / "cache"))
-    config = RunConfig.from_mapping({"algorithm": "fedpft", "foundation-model": str(tiny_bert_dir),
-                                     "align-steps": 2, "align-round-steps": 3, "public-samples": 32,
-                                     "max-length": 16, "eval-samples": 16, "output-dir": str(tmp_path / "out")})
+    config = RunConfig.from_mapping(
+        {
+            "algorithm": "fedpft",
+            "foundation-model": str(tiny_bert_dir),
+            "align-steps": 2,
+            "align-round-steps": 3,
+            "public-samples": 32,
+            "max-length": 16,
+            "eval-samples": 16,
+            "output-dir": str(tmp_path / "out"),
+        }
+    )
     strategy = FedPFT(config)
     round_config, _ = strategy.open_round(1, strategy.initial_arrays())
 
@@ -250,7 +281,7 @@ def test_fedpft_sends_each_client_what_it_lacks_and_checkpoints_its_aligned_ffns
     # an alignment round: APoZ from clients, then neuron-level distillation of the highest-APoZ half
     state = from_array_record(strategy.initial_arrays())
     before = {k: v.clone() for k, v in strategy.ffn_state().items()}
-    strategy.counting_apoz, strategy.round = True, RoundState(1)
+    strategy.counting_apoz = True  # as if round 1 (opened above) were an alignment round
     strategy.apoz = ({layer: torch.arange(16, dtype=torch.float64) for layer in strategy.layers}, 100)
     strategy.server_step(1, state)
     assert strategy.base_version == 1 and strategy.round.notes["align_loss"] >= 0.0
@@ -285,16 +316,28 @@ def _architectures():
     size = dict(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=40)
     return {
         "bert": lambda: (tiny_bert(layers=4, hidden=16, ffn=40), {"input_ids": torch.tensor([[1, 2, 3]])}),
-        "roberta": lambda: (RobertaForSequenceClassification(RobertaConfig(vocab_size=50, **size)),
-                    {"input_ids": torch.tensor([[3, 4, 5]])}),
-        "mpnet": lambda: (MPNetForSequenceClassification(MPNetConfig(vocab_size=50, **size)),
-                  {"input_ids": torch.tensor([[3, 4, 5]])}),
-        "vit": lambda: (ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, **size)),
-                {"pixel_values": torch.randn(1, 3, 8, 8)}),
-        "gpt2": lambda: (GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=4, n_head=2, n_inner=40,
-                                            bos_token_id=0, eos_token_id=0)), {"input_ids": torch.tensor([[1, 2]])}),
-        "llama": lambda: (LlamaForCausalLM(LlamaConfig(vocab_size=50, num_key_value_heads=1, **size)),
-                  {"input_ids": torch.tensor([[1, 2]])}),
+        "roberta": lambda: (
+            RobertaForSequenceClassification(RobertaConfig(vocab_size=50, **size)),
+            {"input_ids": torch.tensor([[3, 4, 5]])},
+        ),
+        "mpnet": lambda: (
+            MPNetForSequenceClassification(MPNetConfig(vocab_size=50, **size)),
+            {"input_ids": torch.tensor([[3, 4, 5]])},
+        ),
+        "vit": lambda: (
+            ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, **size)),
+            {"pixel_values": torch.randn(1, 3, 8, 8)},
+        ),
+        "gpt2": lambda: (
+            GPT2LMHeadModel(
+                GPT2Config(vocab_size=50, n_embd=16, n_layer=4, n_head=2, n_inner=40, bos_token_id=0, eos_token_id=0)
+            ),
+            {"input_ids": torch.tensor([[1, 2]])},
+        ),
+        "llama": lambda: (
+            LlamaForCausalLM(LlamaConfig(vocab_size=50, num_key_value_heads=1, **size)),
+            {"input_ids": torch.tensor([[1, 2]])},
+        ),
     }
 
 

@@ -14,8 +14,10 @@ from fedpt_app.classify.compression.ffn import compress, find_ffns
 from fedpt_app.classify.models import ModelPackage, load_classifier
 from fedpt_app.tools.simulation import run_simulation, validate_overrides
 
-QUICK = ("num-server-rounds=2 fraction-train=1.0 local-epochs=1 max-length=32 eval-samples=128 public-samples=64 "
-         "align-steps=4 align-round-steps=2 align-interval=1")
+QUICK = (
+    "num-server-rounds=2 fraction-train=1.0 local-epochs=1 max-length=32 eval-samples=128 public-samples=64 "
+    "align-steps=4 align-round-steps=2 align-interval=1"
+)
 
 
 def _simulate(tmp_path, tiny_bert_dir, overrides: str):
@@ -41,8 +43,13 @@ def test_fedpft_sends_the_sub_fm_once_aligns_with_client_apoz_and_reports_both_a
     # b2), as an ArrayRecord (count_bytes includes each array's name and header)
     names = {id(parameter): name for name, parameter in sub.named_parameters()}
     ffns = find_ffns(sub)
-    update = ArrayRecord({names[id(p)]: Array(p.detach().numpy()) for layer in (1, 2)
-                          for p in ffn_parameters(ffns[layer], with_norms=False)})
+    update = ArrayRecord(
+        {
+            names[id(p)]: Array(p.detach().numpy())
+            for layer in (1, 2)
+            for p in ffn_parameters(ffns[layer], with_norms=False)
+        }
+    )
     assert sum(array.numpy().size for array in update.values()) == 2 * (16 * 32 + 16 + 32 * 16 + 32)
     assert rows[2]["bytes_down_model"] == 3 * update.count_bytes()
     for row in rows[1:]:

@@ -28,8 +28,9 @@ def test_gguf_is_dequantized_once_and_loads_as_a_trainable_model(tmp_path, monke
     model = loading.load_causal_lm(_gguf_file())
     tokenizer = loading.load_tokenizer(_gguf_file())
     assert getattr(model, "hf_quantizer", None) is None and model.dtype == torch.float32
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     encoded = tokenizer(prompt, return_tensors="pt")
     output = model.generate(**encoded, max_new_tokens=10, do_sample=False)
-    assert "Paris" in tokenizer.decode(output[0, encoded["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(output[0, encoded["input_ids"].shape[1] :])

@@ -20,8 +20,15 @@ def test_local_folder_loads_through_the_auto_classes(tiny_model_dir):
     assert load_causal_lm(str(tiny_model_dir)) is model  # once per process
 
 
-@pytest.mark.parametrize("ref,match", [("/no/such/model", "does not exist"), ("./missing-model", "does not exist"),
-                                       ("/no/such/model.gguf", "GGUF model file"), ("not a valid id!", "neither")])
+@pytest.mark.parametrize(
+    "ref,match",
+    [
+        ("/no/such/model", "does not exist"),
+        ("./missing-model", "does not exist"),
+        ("/no/such/model.gguf", "GGUF model file"),
+        ("not a valid id!", "neither"),
+    ],
+)
 def test_bad_references_are_clear_errors(ref, match):
     with pytest.raises(ModelLoadError, match=match):
         resolve_model_ref(ref)

@@ -36,21 +36,35 @@ def test_the_noised_mean_is_uniform_and_its_noise_has_the_dp_fedavg_deviation():
 
 
 def _message(content: RecordDict, reply_to: str = "") -> Message:
-    metadata = Metadata(run_id=1, message_id="m", src_node_id=3, dst_node_id=0, reply_to_message_id=reply_to,
-                        group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    metadata = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=3,
+        dst_node_id=0,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     return Message(content=content, metadata=metadata)
 
 
 def _instruction(extra_config: dict) -> Message:
-    return _message(RecordDict({ARRAYS_KEY: to_array_record(BROADCAST, "float32"),
-                                CONFIG_KEY: ConfigRecord({"lr": 0.1, **extra_config})}))
+    return _message(
+        RecordDict(
+            {ARRAYS_KEY: to_array_record(BROADCAST, "float32"), CONFIG_KEY: ConfigRecord({"lr": 0.1, **extra_config})}
+        )
+    )
 
 
 def _far_away_client(msg: Message, context: Context) -> Message:
     """A ClientApp whose update has norm 5."""
     state = {"a": torch.tensor([4.0, 1.0]), "b": torch.tensor([[0.0], [4.0]])}
-    return _message(RecordDict({ARRAYS_KEY: to_array_record(state, "float32"),
-                                METRICS_KEY: MetricRecord({"num-examples": 1})}), reply_to="m")
+    return _message(
+        RecordDict({ARRAYS_KEY: to_array_record(state, "float32"), METRICS_KEY: MetricRecord({"num-examples": 1})}),
+        reply_to="m",
+    )
 
 
 def test_the_client_mod_clips_only_when_the_round_asks_for_it():

@@ -24,8 +24,10 @@ def test_example_without_room_for_the_response_is_dropped(tiny_tokenizer):
 
 
 def test_collate_pads_right_and_masks_padding(tiny_tokenizer):
-    rows = [{"instruction": "Hi", "context": "", "response": "ok"},
-            {"instruction": "What is the opposite of hot?", "context": "", "response": "cold"}]
+    rows = [
+        {"instruction": "Hi", "context": "", "response": "ok"},
+        {"instruction": "What is the opposite of hot?", "context": "", "response": "cold"},
+    ]
     examples = [tokenize_example(tiny_tokenizer, row, 64) for row in rows]
     batch = collate(examples, pad_token_id=tiny_tokenizer.pad_token_id)
     short = len(examples[0].input_ids)

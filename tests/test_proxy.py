@@ -18,9 +18,11 @@ from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
 from tests.conftest import build_tokenizer, save_tiny_llama
 
-PROMPTS = ["### Instruction:\nWhat is the capital of Peru?\n\n### Response:\n",
-           "### Instruction:\nIs 7 even or odd?\n\n### Response:\n",
-           "### Instruction:\nCount the letters in 'abc'.\n\n### Response:\n"]
+PROMPTS = [
+    "### Instruction:\nWhat is the capital of Peru?\n\n### Response:\n",
+    "### Instruction:\nIs 7 even or odd?\n\n### Response:\n",
+    "### Instruction:\nCount the letters in 'abc'.\n\n### Response:\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,9 @@ def tuned_small(tiny_model_dir):
     """The tiny small model with a random (non-zero) adapter, so tuned and base logits differ."""
     model = lora_model(str(tiny_model_dir), LoraSpec(4, 8.0, target_modules=("q_proj", "v_proj")), seed=0)
     generator = torch.Generator().manual_seed(3)
-    load_adapter_state(model, {key: torch.randn(value.shape, generator=generator) * 0.5
-                               for key, value in adapter_state(model).items()})
+    load_adapter_state(
+        model, {key: torch.randn(value.shape, generator=generator) * 0.5 for key, value in adapter_state(model).items()}
+    )
     model.eval()
     return model
 
@@ -61,6 +64,7 @@ def test_padded_large_model_is_truncated_to_the_shared_vocabulary(tmp_path, tiny
     padded = save_tiny_llama(tmp_path / "padded", tiny_tokenizer, hidden=32)
     config_path = padded / "config.json"
     from transformers import AutoConfig, LlamaForCausalLM
+
     config = AutoConfig.from_pretrained(padded)
     config.vocab_size = len(tiny_tokenizer) + 16  # Qwen-style padding rows
     LlamaForCausalLM(config).save_pretrained(padded)
@@ -108,10 +112,17 @@ def test_single_model_decoding_matches_transformers_generate(tuned_small, tiny_m
     ours = decode(model_step(tuned_small), tokenizer, PROMPTS, config)
     encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
-        generated = tuned_small.generate(**encoded, max_new_tokens=12, do_sample=False,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    theirs = [text.strip() for text in tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:],
-                                                              skip_special_tokens=True)]
+        generated = tuned_small.generate(
+            **encoded,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    theirs = [
+        text.strip()
+        for text in tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+    ]
     assert ours == theirs
 
 
@@ -120,8 +131,10 @@ def test_decoding_stops_at_a_stop_string(tuned_small, tiny_model_dir):
     free = decode(model_step(tuned_small), tokenizer, PROMPTS[:1], DecodingConfig(max_new_tokens=24, stop_strings=()))
     stop = free[0][3:6]
     assert stop.strip(), free
-    cut = decode(model_step(tuned_small), tokenizer, PROMPTS[:1], DecodingConfig(max_new_tokens=24, stop_strings=(stop,)))
-    assert cut[0] == free[0][:free[0].index(stop)].strip()
+    cut = decode(
+        model_step(tuned_small), tokenizer, PROMPTS[:1], DecodingConfig(max_new_tokens=24, stop_strings=(stop,))
+    )
+    assert cut[0] == free[0][: free[0].index(stop)].strip()
 
 
 def test_top_p_sampling_keeps_only_the_nucleus():
@@ -138,25 +151,43 @@ def test_generate_command_answers_with_a_saved_adapter(tuned_small, tiny_model_d
     import json
     import subprocess
     import sys
+
     tuned_small.save_pretrained(tmp_path / "adapter")
-    command = [sys.executable, "-m", "fedpt_app.tools.cli", "generate", "--small", str(tiny_model_dir), "--large",
-               str(tiny_large_dir), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "8", "--json",
-               "Name a color.", "Is 4 even?"]
+    command = [
+        sys.executable,
+        "-m",
+        "fedpt_app.tools.cli",
+        "generate",
+        "--small",
+        str(tiny_model_dir),
+        "--large",
+        str(tiny_large_dir),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--max-new-tokens",
+        "8",
+        "--json",
+        "Name a color.",
+        "Is 4 even?",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     answers = [json.loads(line) for line in done.stdout.splitlines()]
     assert [a["instruction"] for a in answers] == ["Name a color.", "Is 4 even?"]
-    missing = subprocess.run(command[:9] + [str(tmp_path / "nowhere"), "hello"], capture_output=True, text=True,
-                             timeout=300)
+    missing = subprocess.run(
+        command[:9] + [str(tmp_path / "nowhere"), "hello"], capture_output=True, text=True, timeout=300
+    )
     assert missing.returncode == 2 and "not a saved peft adapter folder" in missing.stderr
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
-def test_quantized_large_model_serves_as_logits_provider(tuned_small, tiny_model_dir, tiny_tokenizer,
-                                                         tmp_path_factory, quantization):
+def test_quantized_large_model_serves_as_logits_provider(
+    tuned_small, tiny_model_dir, tiny_tokenizer, tmp_path_factory, quantization
+):
     # bitsandbytes' CPU 4-bit kernel needs layer widths divisible by its block size: hidden 64, not 48
-    large_dir = save_tiny_llama(tmp_path_factory.mktemp(f"proxy-large-{quantization}"), tiny_tokenizer, hidden=64,
-                                layers=3, seed=1)
+    large_dir = save_tiny_llama(
+        tmp_path_factory.mktemp(f"proxy-large-{quantization}"), tiny_tokenizer, hidden=64, layers=3, seed=1
+    )
     vocab = shared_vocab_size(str(tiny_model_dir), str(large_dir))
     full = LocalLogitsProvider(str(large_dir), vocab)
     quantized = LocalLogitsProvider(str(large_dir), vocab, quantization)
@@ -164,6 +195,10 @@ def test_quantized_large_model_serves_as_logits_provider(tuned_small, tiny_model
     mask, positions = torch.ones_like(ids), torch.arange(4)[None]
     error = (quantized.logits(ids, mask, positions)[0] - full.logits(ids, mask, positions)[0]).abs().max().item()
     assert 0 < error < 0.5
-    answers = decode(proxy_step(quantized, tuned_small, 1.0), load_tokenizer(str(tiny_model_dir)), PROMPTS[:2],
-                     DecodingConfig(max_new_tokens=6))
+    answers = decode(
+        proxy_step(quantized, tuned_small, 1.0),
+        load_tokenizer(str(tiny_model_dir)),
+        PROMPTS[:2],
+        DecodingConfig(max_new_tokens=6),
+    )
     assert len(answers) == 2

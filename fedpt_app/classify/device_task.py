@@ -30,20 +30,26 @@ def _file_rows(path: str) -> list[dict]:
 
 
 @functools.cache
-def _local_examples(source: PartitionSpec | str, partition_id: int, model_ref: str,
-                    max_length: int) -> tuple[dict, ...]:
+def _local_examples(
+    source: PartitionSpec | str, partition_id: int, model_ref: str, max_length: int
+) -> tuple[dict, ...]:
     """This node's encoded training rows (its partition, or its own data file), prepared once per process."""
     rows = source_rows(source, partition_id, _file_rows, training_rows)
     return tuple(encode_rows(load_tokenizer(model_ref), rows, max_length))
 
 
-def _count_apoz(model: PeftModel, examples, classify: ClassifyConfig, batch_size: int,
-                pad_token_id: int) -> ArrayRecord:
+def _count_apoz(
+    model: PeftModel, examples, classify: ClassifyConfig, batch_size: int, pad_token_id: int
+) -> ArrayRecord:
     """Zero-activation counts of the compressed layers' neurons on local data (before this round's training)."""
     layers = classify.compressed_layer_indices(len(find_ffns(model)))
     counts, tokens = count_zero_activations(model, layers, batches(examples, batch_size, pad_token_id))
-    return ArrayRecord({**{f"layer-{layer}": Array(counts[layer].numpy()) for layer in layers},
-                        "tokens": Array(np.array([tokens], dtype=np.float64))})
+    return ArrayRecord(
+        {
+            **{f"layer-{layer}": Array(counts[layer].numpy()) for layer in layers},
+            "tokens": Array(np.array([tokens], dtype=np.float64)),
+        }
+    )
 
 
 def train(msg: Message, context: Context, config: RunConfig) -> Message:
@@ -63,8 +69,15 @@ def train(msg: Message, context: Context, config: RunConfig) -> Message:
     if round_config.count_apoz:
         records[APOZ_KEY] = _count_apoz(model, examples, config.classify, training.batch_size, pad_token_id)
     server_round = round_config.server_round
-    result = train_lora(model, examples, batches, epochs=training.local_epochs, lr=round_config.lr,
-                        batch_size=training.batch_size, pad_token_id=pad_token_id,
-                        seed=local_seed(config.seed, server_round, node.index),
-                        description=f"client {node.index} round {server_round}")
+    result = train_lora(
+        model,
+        examples,
+        batches,
+        epochs=training.local_epochs,
+        lr=round_config.lr,
+        batch_size=training.batch_size,
+        pad_token_id=pad_token_id,
+        seed=local_seed(config.seed, server_round, node.index),
+        description=f"client {node.index} round {server_round}",
+    )
     return train_reply(msg, model, result, config.federation.wire_dtype, records)

@@ -42,8 +42,9 @@ def load_classifier(model_ref: str, num_labels: int, seed: int = 0) -> PreTraine
             torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
     except Exception as error:  # transformers raises several types for a missing or unreachable model
-        raise ModelLoadError(f"Could not load foundation model {model_ref!r} ({source}) as a classifier: "
-                             f"{error}") from error
+        raise ModelLoadError(
+            f"Could not load foundation model {model_ref!r} ({source}) as a classifier: {error}"
+        ) from error
     LOAD_COUNTS[model_ref] += 1
     model.requires_grad_(False)
     return model.to(default_device()).eval()
@@ -78,8 +79,10 @@ class ModelPackage:
 
     @classmethod
     def from_record(cls, config_json: str, record: ArrayRecord) -> ModelPackage:
-        return cls(config_json, OrderedDict((key, torch.from_numpy(array.numpy().astype(np.float32)))
-                                            for key, array in record.items()))
+        return cls(
+            config_json,
+            OrderedDict((key, torch.from_numpy(array.numpy().astype(np.float32))) for key, array in record.items()),
+        )
 
     def build(self) -> PreTrainedModel:
         """The model, rebuilt from config and weights (frozen, eval mode, on the default device)."""
@@ -90,19 +93,27 @@ class ModelPackage:
         resize_ffns(model, widths)
         missing, unexpected = model.load_state_dict(self.state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"Model package does not fit its config: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
+            raise ValueError(
+                f"Model package does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         model.requires_grad_(False)
         return model.to(default_device()).eval()
 
 
-def lora_classifier(model: PreTrainedModel, spec: LoraSpec, seed: int = 0,
-                    layers: Sequence[int] | None = None) -> PeftModel:
+def lora_classifier(
+    model: PreTrainedModel, spec: LoraSpec, seed: int = 0, layers: Sequence[int] | None = None
+) -> PeftModel:
     """LoRA on attention (peft's per-architecture default unless `spec` names modules) plus the trainable head;
     `layers` restricts LoRA to those transformer blocks (FedOT's adapter)."""
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="SEQ_CLS",
-                        target_modules=list(spec.target_modules) if spec.target_modules else None,
-                        layers_to_transform=list(layers) if layers is not None else None, bias="none")
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        task_type="SEQ_CLS",
+        target_modules=list(spec.target_modules) if spec.target_modules else None,
+        layers_to_transform=list(layers) if layers is not None else None,
+        bias="none",
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same initial A matrices in every process
         peft_model = get_peft_model(model, config)

@@ -43,16 +43,21 @@ def _train_from_legacy_fit(msg: Message, context: Context, train: ClientAppCalla
     config = RunConfig.from_mapping(context.run_config)
     round_config = ConfigRecord(dict(fit_ins.config))
     keys = algorithms.device_task(config.algorithm).adapter_keys(config, RoundConfig.from_record(round_config))
-    arrays = ArrayRecord(OrderedDict((key, Array(values))
-                                     for key, values in zip(keys, parameters_to_ndarrays(fit_ins.parameters),
-                                                            strict=True)))
+    arrays = ArrayRecord(
+        OrderedDict(
+            (key, Array(values)) for key, values in zip(keys, parameters_to_ndarrays(fit_ins.parameters), strict=True)
+        )
+    )
     msg.content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: round_config})
     reply = train(msg, context)
     if reply.has_error():
         return reply
     metrics = dict(reply.content[METRICS_KEY])
-    fit_res = FitRes(Status(Code.OK, "ok"),
-                     ndarrays_to_parameters([array.numpy() for array in reply.content[ARRAYS_KEY].values()]),
-                     int(metrics.pop("num-examples")), metrics)
+    fit_res = FitRes(
+        Status(Code.OK, "ok"),
+        ndarrays_to_parameters([array.numpy() for array in reply.content[ARRAYS_KEY].values()]),
+        int(metrics.pop("num-examples")),
+        metrics,
+    )
     reply.content = fitres_to_recorddict(fit_res, keep_input=True)
     return reply

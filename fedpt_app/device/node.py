@@ -27,9 +27,10 @@ class Node:
         try:
             partition = int(node_config["partition-id"]), int(node_config["num-partitions"])
         except KeyError as error:
-            raise ValueError("This node has no 'partition-id'/'num-partitions' (nor a 'data-file') in its node "
-                             "config; start the SuperNode with --node-config 'partition-id=N num-partitions=K'") \
-                from error
+            raise ValueError(
+                "This node has no 'partition-id'/'num-partitions' (nor a 'data-file') in its node "
+                "config; start the SuperNode with --node-config 'partition-id=N num-partitions=K'"
+            ) from error
         return cls(partition_id=partition[0], num_partitions=partition[1], model_cache=cache)
 
     @property

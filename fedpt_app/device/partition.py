@@ -35,12 +35,21 @@ class PartitionSpec:
         if self.partitioner == "iid":
             return IidPartitioner(num_partitions=self.num_partitions)
         if self.partitioner == "dirichlet":
-            return DirichletPartitioner(num_partitions=self.num_partitions, partition_by=self.column,
-                                        alpha=self.dirichlet_alpha, min_partition_size=1, seed=self.seed)
+            return DirichletPartitioner(
+                num_partitions=self.num_partitions,
+                partition_by=self.column,
+                alpha=self.dirichlet_alpha,
+                min_partition_size=1,
+                seed=self.seed,
+            )
         if self.partitioner == "pathological":
-            return PathologicalPartitioner(num_partitions=self.num_partitions, partition_by=self.column,
-                                           num_classes_per_partition=self.classes_per_partition,
-                                           class_assignment_mode="deterministic", seed=self.seed)
+            return PathologicalPartitioner(
+                num_partitions=self.num_partitions,
+                partition_by=self.column,
+                num_classes_per_partition=self.classes_per_partition,
+                class_assignment_mode="deterministic",
+                seed=self.seed,
+            )
         raise DatasetError(f"Unknown partitioner {self.partitioner!r}; choose iid, dirichlet or pathological")
 
 
@@ -61,8 +70,10 @@ def load_partition(spec: PartitionSpec, partition_id: int, training_rows: Traini
     """The training rows of one client; an empty or impossible partition is a clear error."""
     if not 0 <= partition_id < spec.num_partitions:
         raise DatasetError(f"partition-id {partition_id} is outside 0..{spec.num_partitions - 1}")
-    empty = (f"Partition {partition_id} of {spec.num_partitions} ({spec.partitioner}) of {spec.dataset!r} is empty: "
-             "use fewer partitions, more data or a larger dirichlet-alpha")
+    empty = (
+        f"Partition {partition_id} of {spec.num_partitions} ({spec.partitioner}) of {spec.dataset!r} is empty: "
+        "use fewer partitions, more data or a larger dirichlet-alpha"
+    )
     try:
         rows = _partitioner(spec, training_rows).load_partition(partition_id).to_list()
     except (ValueError, IndexError) as error:  # flwr-datasets' ways of saying a partition gets no rows
@@ -76,12 +87,24 @@ def node_source(node: Node, data: DataConfig, column: str, seed: int) -> Partiti
     """Where this node's training rows come from: its own data file, or its partition of the configured dataset."""
     if node.data_file is not None:
         return node.data_file
-    return PartitionSpec(data.dataset, data.partitioner, node.num_partitions, column, data.dirichlet_alpha,
-                         data.classes_per_partition, data.test_fraction, seed)
+    return PartitionSpec(
+        data.dataset,
+        data.partitioner,
+        node.num_partitions,
+        column,
+        data.dirichlet_alpha,
+        data.classes_per_partition,
+        data.test_fraction,
+        seed,
+    )
 
 
-def source_rows(source: PartitionSpec | str, partition_id: int, read_file: Callable[[str], Sequence[dict]],
-                training_rows: TrainingRows) -> Sequence[dict]:
+def source_rows(
+    source: PartitionSpec | str,
+    partition_id: int,
+    read_file: Callable[[str], Sequence[dict]],
+    training_rows: TrainingRows,
+) -> Sequence[dict]:
     """The rows of a node's data file (read with the family's reader), or of its partition."""
     if isinstance(source, str):
         return read_file(source)

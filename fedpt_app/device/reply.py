@@ -21,13 +21,24 @@ def peak_rss_mb() -> float:
 
 
 def cuda_peak_mb() -> float:
-    return torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else 0.0
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
 
-def train_reply(msg: Message, model: PeftModel, result: TrainResult, wire_dtype: str,
-                extra_records: dict[str, ArrayRecord] | None = None) -> Message:
-    metrics = ReplyMetrics(result.num_examples, result.loss, result.seconds, sum(LOAD_COUNTS.values()), peak_rss_mb(),
-                           cuda_peak_mb())
-    content = RecordDict({ARRAYS_KEY: to_array_record(adapter_state(model), wire_dtype),
-                          METRICS_KEY: metrics.to_record(), **(extra_records or {})})
+def train_reply(
+    msg: Message,
+    model: PeftModel,
+    result: TrainResult,
+    wire_dtype: str,
+    extra_records: dict[str, ArrayRecord] | None = None,
+) -> Message:
+    metrics = ReplyMetrics(
+        result.num_examples, result.loss, result.seconds, sum(LOAD_COUNTS.values()), peak_rss_mb(), cuda_peak_mb()
+    )
+    content = RecordDict(
+        {
+            ARRAYS_KEY: to_array_record(adapter_state(model), wire_dtype),
+            METRICS_KEY: metrics.to_record(),
+            **(extra_records or {}),
+        }
+    )
     return Message(content=content, reply_to=msg)

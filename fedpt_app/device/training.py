@@ -21,8 +21,18 @@ class TrainResult:
     seconds: float
 
 
-def train_lora(model: torch.nn.Module, examples: Sequence, make_batches: Batches, *, epochs: int, lr: float,
-               batch_size: int, pad_token_id: int, seed: int, description: str = "local training") -> TrainResult:
+def train_lora(
+    model: torch.nn.Module,
+    examples: Sequence,
+    make_batches: Batches,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    pad_token_id: int,
+    seed: int,
+    description: str = "local training",
+) -> TrainResult:
     """Train the model's trainable parameters (the adapter, and a classifier's head) in place; the family's
     batches carry their labels, so `model(**batch).loss` is the task's loss."""
     if not examples:

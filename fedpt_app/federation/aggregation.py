@@ -20,5 +20,7 @@ def fedavg(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) 
         raise ValueError(f"Weights must sum to a positive number, got {list(weights)}")
     averaged = OrderedDict()
     for key in states[0]:
-        averaged[key] = sum(state[key].float() * (weight / total) for state, weight in zip(states, weights, strict=True))
+        averaged[key] = sum(
+            state[key].float() * (weight / total) for state, weight in zip(states, weights, strict=True)
+        )
     return averaged

@@ -35,10 +35,23 @@ class Checkpoint:
     server_state: dict[str, torch.Tensor] = field(default_factory=dict)  # an algorithm's other state (FedPFT: FFNs)
 
     @classmethod
-    def capture(cls, completed_round: int, adapter: dict[str, torch.Tensor], run_config: dict[str, Any],
-                finished: bool = False, server_state: dict[str, torch.Tensor] | None = None) -> Checkpoint:
-        return cls(completed_round, adapter, run_config, finished, random.getstate(), torch.get_rng_state(),
-                   dict(server_state or {}))
+    def capture(
+        cls,
+        completed_round: int,
+        adapter: dict[str, torch.Tensor],
+        run_config: dict[str, Any],
+        finished: bool = False,
+        server_state: dict[str, torch.Tensor] | None = None,
+    ) -> Checkpoint:
+        return cls(
+            completed_round,
+            adapter,
+            run_config,
+            finished,
+            random.getstate(),
+            torch.get_rng_state(),
+            dict(server_state or {}),
+        )
 
     def restore_rng(self) -> None:
         if self.python_rng is not None:
@@ -53,10 +66,18 @@ def save_checkpoint(output_dir: Path, checkpoint: Checkpoint) -> Path:
     path = output_dir / CHECKPOINT_FILE
     temporary = output_dir / f".{CHECKPOINT_FILE}.tmp"
     with temporary.open("wb") as handle:
-        torch.save({"completed_round": checkpoint.completed_round, "finished": checkpoint.finished,
-                    "adapter": dict(checkpoint.adapter), "run_config": checkpoint.run_config,
-                    "python_rng": checkpoint.python_rng, "torch_rng": checkpoint.torch_rng,
-                    "server_state": checkpoint.server_state}, handle)
+        torch.save(
+            {
+                "completed_round": checkpoint.completed_round,
+                "finished": checkpoint.finished,
+                "adapter": dict(checkpoint.adapter),
+                "run_config": checkpoint.run_config,
+                "python_rng": checkpoint.python_rng,
+                "torch_rng": checkpoint.torch_rng,
+                "server_state": checkpoint.server_state,
+            },
+            handle,
+        )
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
@@ -75,12 +96,19 @@ def load_checkpoint(output_dir: Path) -> Checkpoint | None:
         return None
     try:
         raw = torch.load(path, weights_only=True)
-        return Checkpoint(int(raw["completed_round"]), dict(raw["adapter"]), dict(raw["run_config"]),
-                          bool(raw["finished"]), _as_rng_state(raw["python_rng"]), raw["torch_rng"],
-                          dict(raw.get("server_state", {})))
+        return Checkpoint(
+            int(raw["completed_round"]),
+            dict(raw["adapter"]),
+            dict(raw["run_config"]),
+            bool(raw["finished"]),
+            _as_rng_state(raw["python_rng"]),
+            raw["torch_rng"],
+            dict(raw.get("server_state", {})),
+        )
     except Exception as error:
-        raise CheckpointError(f"Cannot read the checkpoint {path}: {error}. Move it away to start this output-dir "
-                              "afresh.") from error
+        raise CheckpointError(
+            f"Cannot read the checkpoint {path}: {error}. Move it away to start this output-dir afresh."
+        ) from error
 
 
 def _as_rng_state(state: Any) -> tuple | None:
@@ -99,10 +127,15 @@ def resumable_checkpoint(output_dir: Path, run_config: dict[str, Any]) -> Checkp
     checkpoint = load_checkpoint(output_dir)
     if checkpoint is None or checkpoint.finished:
         return None
-    differing = sorted(key for key in set(run_config) | set(checkpoint.run_config)
-                       if run_config.get(key) != checkpoint.run_config.get(key))
+    differing = sorted(
+        key
+        for key in set(run_config) | set(checkpoint.run_config)
+        if run_config.get(key) != checkpoint.run_config.get(key)
+    )
     if differing:
-        raise CheckpointError(f"{output_dir} holds an unfinished run (round {checkpoint.completed_round}) with "
-                              f"another config (differs in {differing}): rerun with its config to resume it, or "
-                              "choose another output-dir")
+        raise CheckpointError(
+            f"{output_dir} holds an unfinished run (round {checkpoint.completed_round}) with "
+            f"another config (differs in {differing}): rerun with its config to resume it, or "
+            "choose another output-dir"
+        )
     return checkpoint

@@ -20,8 +20,14 @@ class MetricsLog:
     (summary.json reports the best of each); `line_fields` are the values the console line shows when present.
     """
 
-    def __init__(self, output_dir: Path, run_config: dict[str, Any], keep_rounds_upto: int = 0,
-                 score_names: Sequence[str] = (), line_fields: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        run_config: dict[str, Any],
+        keep_rounds_upto: int = 0,
+        score_names: Sequence[str] = (),
+        line_fields: Sequence[str] = (),
+    ) -> None:
         self.output_dir = output_dir
         self.run_config = run_config
         self.score_names, self.line_fields = tuple(score_names), tuple(line_fields)
@@ -41,10 +47,13 @@ class MetricsLog:
         log(INFO, "%s", format_round_line(row, num_rounds, self.line_fields))
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
-        evaluated = [row for row in self.rows if row["round"] > 0
-                     and any(row.get(name) is not None for name in self.score_names)]
-        best = {f"best_{name}": max((row[name] for row in evaluated if row.get(name) is not None), default=None)
-                for name in sorted(self.score_names)}
+        evaluated = [
+            row for row in self.rows if row["round"] > 0 and any(row.get(name) is not None for name in self.score_names)
+        ]
+        best = {
+            f"best_{name}": max((row[name] for row in evaluated if row.get(name) is not None), default=None)
+            for name in sorted(self.score_names)
+        }
         summary = {
             "rounds": max((row["round"] for row in self.rows), default=0),
             "final": evaluated[-1] if evaluated else None,
@@ -67,8 +76,12 @@ def _format_value(value: Any) -> str:
 def framework_seconds(row: dict[str, Any]) -> float:
     """A round's time outside the slowest client's training, the server step and the central evaluation: message
     passing, serialization, scheduling and, in deployment, each ClientApp task's process start, imports and load."""
-    return (row["round_seconds"] - row.get("client_train_seconds", 0.0) - row.get("server_step_seconds", 0.0)
-            - row["eval_seconds"])
+    return (
+        row["round_seconds"]
+        - row.get("client_train_seconds", 0.0)
+        - row.get("server_step_seconds", 0.0)
+        - row["eval_seconds"]
+    )
 
 
 def _megabytes(count: int | None) -> str:
@@ -77,5 +90,7 @@ def _megabytes(count: int | None) -> str:
 
 def format_round_line(row: dict[str, Any], num_rounds: int, fields: Sequence[str]) -> str:
     metrics = " | ".join(f"{name} {_format_value(row.get(name))}" for name in fields if row.get(name) is not None)
-    return (f"[fedpt-app] round {row['round']}/{num_rounds} | {metrics} | up {_megabytes(row.get('bytes_up'))}"
-            f" | down {_megabytes(row.get('bytes_down'))} | {row.get('round_seconds', 0.0):.1f} s")
+    return (
+        f"[fedpt-app] round {row['round']}/{num_rounds} | {metrics} | up {_megabytes(row.get('bytes_up'))}"
+        f" | down {_megabytes(row.get('bytes_down'))} | {row.get('round_seconds', 0.0):.1f} s"
+    )

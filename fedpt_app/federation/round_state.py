@@ -56,10 +56,18 @@ class RoundState:
         row.update(_present(update_norm_max=self.update_norm_max))
         row["bytes_up"] = self.bytes_up
         row.update(_present(dp_noise_stdv=self.dp_noise_stdv, secure_aggregation=self.secure_aggregation))
-        row.update({"clients": self.clients, "num_examples": self.num_examples, "train_loss": self.train_loss,
-                    "client_train_seconds": self.client_train_seconds, "client_model_loads": self.client_model_loads,
-                    "client_peak_rss_mb": self.client_peak_rss_mb, "client_cuda_peak_mb": self.client_cuda_peak_mb,
-                    "server_step_seconds": self.server_step_seconds})
+        row.update(
+            {
+                "clients": self.clients,
+                "num_examples": self.num_examples,
+                "train_loss": self.train_loss,
+                "client_train_seconds": self.client_train_seconds,
+                "client_model_loads": self.client_model_loads,
+                "client_peak_rss_mb": self.client_peak_rss_mb,
+                "client_cuda_peak_mb": self.client_cuda_peak_mb,
+                "server_step_seconds": self.server_step_seconds,
+            }
+        )
         return {**row, **self.notes}
 
 

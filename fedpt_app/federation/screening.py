@@ -56,8 +56,11 @@ def check_reply(msg: Message, rules: UpdateRules) -> Verdict:
     expected_records = {ARRAYS_KEY, METRICS_KEY} | set(rules.extra_records)
     if set(content) != expected_records:
         return Verdict(f"reply holds records {sorted(content)}, expected {sorted(expected_records)}")
-    problem = (_metrics_problem(metrics, rules) or _arrays_problem(arrays, rules)
-               or next(filter(None, (rule(content[name]) for name, rule in rules.extra_records.items())), None))
+    problem = (
+        _metrics_problem(metrics, rules)
+        or _arrays_problem(arrays, rules)
+        or next(filter(None, (rule(content[name]) for name, rule in rules.extra_records.items())), None)
+    )
     if problem:
         return Verdict(problem)
     norm = update_norm(arrays, rules.broadcast)
@@ -96,6 +99,8 @@ def _arrays_problem(arrays: ArrayRecord, rules: UpdateRules) -> str | None:
 
 def update_norm(arrays: ArrayRecord, broadcast: dict[str, torch.Tensor]) -> float:
     """L2 norm of (client adapter − broadcast adapter) over all tensors."""
-    squared = sum(float((torch.from_numpy(array.numpy().astype(np.float32)) - broadcast[key]).double().pow(2).sum())
-                  for key, array in arrays.items())
+    squared = sum(
+        float((torch.from_numpy(array.numpy().astype(np.float32)) - broadcast[key]).double().pow(2).sum())
+        for key, array in arrays.items()
+    )
     return math.sqrt(squared)

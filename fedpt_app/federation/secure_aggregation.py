@@ -45,16 +45,19 @@ from fedpt_app.models.lora import from_array_record
 from fedpt_app.protocol import ReplyMetrics
 
 
-def run_with_secure_aggregation(grid: Grid, context: Context, strategy: FederatedStrategy,
-                                initial_arrays: ArrayRecord) -> ArrayRecord:
+def run_with_secure_aggregation(
+    grid: Grid, context: Context, strategy: FederatedStrategy, initial_arrays: ArrayRecord
+) -> ArrayRecord:
     """Run the strategy's remaining rounds under SecAgg+; return the final global adapter."""
     privacy = strategy.config.privacy
     bridge = LegacyBridge(strategy, initial_arrays)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=strategy.rounds_left), strategy=bridge)
-    workflow = SecAggPlusWorkflow(num_shares=privacy.secagg_num_shares,
-                                  reconstruction_threshold=privacy.secagg_reconstruction_threshold,
-                                  max_weight=privacy.secagg_max_weight,
-                                  timeout=strategy.config.federation.round_timeout)
+    workflow = SecAggPlusWorkflow(
+        num_shares=privacy.secagg_num_shares,
+        reconstruction_threshold=privacy.secagg_reconstruction_threshold,
+        max_weight=privacy.secagg_max_weight,
+        timeout=strategy.config.federation.round_timeout,
+    )
     DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
     return bridge.latest
 
@@ -71,16 +74,22 @@ class LegacyBridge(Strategy):
         return ndarrays_to_parameters([array.numpy() for array in arrays.values()])
 
     def _to_arrays(self, parameters: Parameters) -> ArrayRecord:
-        return ArrayRecord(OrderedDict((key, Array(np.ascontiguousarray(values, dtype=np.float32)))
-                                       for key, values in zip(self.keys, parameters_to_ndarrays(parameters), strict=True)))
+        return ArrayRecord(
+            OrderedDict(
+                (key, Array(np.ascontiguousarray(values, dtype=np.float32)))
+                for key, values in zip(self.keys, parameters_to_ndarrays(parameters), strict=True)
+            )
+        )
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
         return self._to_parameters(self.latest)
 
-    def configure_fit(self, server_round: int, parameters: Parameters,
-                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        round_config, wire_arrays = self.strategy.open_round(server_round + self.strategy.resumed_round,
-                                                             self._to_arrays(parameters))
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        round_config, wire_arrays = self.strategy.open_round(
+            server_round + self.strategy.resumed_round, self._to_arrays(parameters)
+        )
         federation = self.strategy.config.federation
         wanted = max(math.ceil(federation.fraction_train * client_manager.num_available()), federation.min_train_nodes)
         clients = client_manager.sample(num_clients=wanted, min_num_clients=federation.min_train_nodes)
@@ -88,19 +97,23 @@ class LegacyBridge(Strategy):
         fit_ins = FitIns(self._to_parameters(wire_arrays), dict(round_config.to_record()))
         return [(client, fit_ins) for client in clients]
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
-                      failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """SecAgg+ has already replaced every result's parameters by the weighted average of all of them."""
         record = self.strategy.round
         record.problems.extend(f"client failure: {failure}" for failure in failures)
         self.strategy.check_enough_replies(len(results) + len(failures), len(results))
         aggregate = from_array_record(self._to_arrays(results[0][1].parameters))
         if not all(torch.isfinite(tensor).all() for tensor in aggregate.values()):
-            raise RoundFailedError(f"Round {record.number}: the securely aggregated adapter holds NaN or infinite "
-                                   "values; a client sent a broken update, which secure aggregation hides.")
+            raise RoundFailedError(
+                f"Round {record.number}: the securely aggregated adapter holds NaN or infinite "
+                "values; a client sent a broken update, which secure aggregation hides."
+            )
         record.failures, record.rejected, record.bytes_up, record.secure_aggregation = len(failures), 0, None, "secagg+"
-        metrics = [ReplyMetrics.from_record({**result.metrics, "num-examples": result.num_examples})
-                   for _, result in results]
+        metrics = [
+            ReplyMetrics.from_record({**result.metrics, "num-examples": result.num_examples}) for _, result in results
+        ]
         arrays, _ = self.strategy.complete_round(aggregate, metrics)
         return self._to_parameters(arrays), {}
 
@@ -109,10 +122,12 @@ class LegacyBridge(Strategy):
         scores = self.strategy.evaluate_round(server_round, self.latest)
         return (0.0, dict(scores)) if scores else None
 
-    def configure_evaluate(self, server_round: int, parameters: Parameters,
-                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
         return []  # evaluation is central
 
-    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
-                           failures: list) -> tuple[float | None, dict[str, Scalar]]:
+    def aggregate_evaluate(
+        self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list
+    ) -> tuple[float | None, dict[str, Scalar]]:
         return None, {}

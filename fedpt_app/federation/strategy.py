@@ -60,17 +60,26 @@ class FederatedStrategy(FedAvg):
 
     def __init__(self, config: RunConfig) -> None:
         federation = config.federation
-        super().__init__(fraction_train=federation.fraction_train, fraction_evaluate=0.0,
-                         min_train_nodes=federation.min_train_nodes, min_available_nodes=federation.min_train_nodes,
-                         arrayrecord_key=ARRAYS_KEY, configrecord_key=CONFIG_KEY)
+        super().__init__(
+            fraction_train=federation.fraction_train,
+            fraction_evaluate=0.0,
+            min_train_nodes=federation.min_train_nodes,
+            min_available_nodes=federation.min_train_nodes,
+            arrayrecord_key=ARRAYS_KEY,
+            configrecord_key=CONFIG_KEY,
+        )
         self.config = config
         self.load_task()  # bad models or data fail here, before any output is written
         run_config = config.flat()
         self.checkpoint = resumable_checkpoint(config.output_path(), run_config)
         self.resumed_round = self.checkpoint.completed_round if self.checkpoint else 0
-        self.metrics = MetricsLog(config.output_path(), run_config, keep_rounds_upto=self.resumed_round,
-                                  score_names=self.score_names,
-                                  line_fields=("train_loss", *self.loss_names, *self.score_names))
+        self.metrics = MetricsLog(
+            config.output_path(),
+            run_config,
+            keep_rounds_upto=self.resumed_round,
+            score_names=self.score_names,
+            line_fields=("train_loss", *self.loss_names, *self.score_names),
+        )
         self.round = RoundState(self.resumed_round)
 
     # ---- the start and the end of a run ------------------------------------------------------------------
@@ -81,8 +90,12 @@ class FederatedStrategy(FedAvg):
     def initial_arrays(self) -> ArrayRecord:
         """The fresh adapter, or the checkpointed one when this run resumes an interrupted one."""
         if self.checkpoint is not None:
-            log(INFO, "[fedpt-app] resuming from the checkpoint of round %d in %s", self.resumed_round,
-                self.metrics.output_dir)
+            log(
+                INFO,
+                "[fedpt-app] resuming from the checkpoint of round %d in %s",
+                self.resumed_round,
+                self.metrics.output_dir,
+            )
             self.checkpoint.restore_rng()
             self.restore_server_state(self.checkpoint.server_state)
             return to_array_record(self.checkpoint.adapter, "float32")
@@ -96,13 +109,17 @@ class FederatedStrategy(FedAvg):
         """Save the final adapter (loadable with `PeftModel.from_pretrained`) and summary.json."""
         final_state = from_array_record(final_arrays)
         saved_model = self.model_to_save(final_state)
-        save_checkpoint(self.metrics.output_dir, Checkpoint.capture(self.config.federation.num_server_rounds,
-                                                                    final_state, self.metrics.run_config,
-                                                                    finished=True))
+        save_checkpoint(
+            self.metrics.output_dir,
+            Checkpoint.capture(
+                self.config.federation.num_server_rounds, final_state, self.metrics.run_config, finished=True
+            ),
+        )
         adapter_dir = self.metrics.output_dir / "adapter"
         saved_model.save_pretrained(adapter_dir)
-        summary = self.metrics.write_summary({"algorithm": self.config.algorithm, "adapter_dir": str(adapter_dir),
-                                              **self.summary_fields()})
+        summary = self.metrics.write_summary(
+            {"algorithm": self.config.algorithm, "adapter_dir": str(adapter_dir), **self.summary_fields()}
+        )
         log(INFO, "[fedpt-app] metrics: %s", self.metrics.path)
         log(INFO, "[fedpt-app] adapter: %s", adapter_dir)
         if summary["final"] is None:
@@ -111,8 +128,9 @@ class FederatedStrategy(FedAvg):
 
     # ---- what a round sends --------------------------------------------------------------------------------
     # Flower numbers the rounds of `start()` from 1; a resumed run's round r is Flower's r + resumed_round.
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> list[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
         round_config, wire_arrays = self.open_round(server_round + self.resumed_round, arrays)
         node_ids = self.sample(grid)
         self.count_sent(len(node_ids), wire_arrays)
@@ -145,16 +163,20 @@ class FederatedStrategy(FedAvg):
     def round_config(self, number: int) -> RoundConfig:
         """What every client of the round is told; families add their fields."""
         privacy = self.config.privacy
-        return RoundConfig(server_round=number, lr=self.round.lr,
-                           clipping_norm=privacy.dp_clipping_norm if privacy.dp_mode == "client" else None)
+        return RoundConfig(
+            server_round=number,
+            lr=self.round.lr,
+            clipping_norm=privacy.dp_clipping_norm if privacy.dp_mode == "client" else None,
+        )
 
     def deliveries(self, node_id: int, round_config: RoundConfig) -> tuple[RoundConfig, dict[str, ArrayRecord]]:
         """(this node's round config, the records it needs besides the adapter); by default nothing more."""
         return round_config, {}
 
     # ---- what a round receives -----------------------------------------------------------------------------
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         usable, norms = self.screen_replies(replies)
         timeouts = self.check_enough_replies(len(replies), len(usable))
@@ -178,9 +200,13 @@ class FederatedStrategy(FedAvg):
         privacy = self.config.privacy
         if privacy.dp_mode == "client":  # devices promised to clip: hold them to it (float16 rounding aside)
             max_norm = min(max_norm, privacy.dp_clipping_norm * 1.001)
-        rules = UpdateRules(self.round.broadcast, self.config.federation.wire_dtype,
-                            max_norm if max_norm < math.inf else 0.0, self.config.federation.max_num_examples,
-                            self.reply_records())
+        rules = UpdateRules(
+            self.round.broadcast,
+            self.config.federation.wire_dtype,
+            max_norm if max_norm < math.inf else 0.0,
+            self.config.federation.max_num_examples,
+            self.reply_records(),
+        )
         usable, norms = [], []
         for msg in replies:
             verdict = check_reply(msg, rules)
@@ -189,8 +215,7 @@ class FederatedStrategy(FedAvg):
                 norms.append(verdict.update_norm)
             else:
                 self.round.problems.append(f"node {msg.metadata.src_node_id}: {verdict.problem}")
-                log(WARNING, "[fedpt-app] dropped the reply of node %d: %s", msg.metadata.src_node_id,
-                    verdict.problem)
+                log(WARNING, "[fedpt-app] dropped the reply of node %d: %s", msg.metadata.src_node_id, verdict.problem)
         usable.sort(key=content_digest)
         self.accept_replies(usable)
         return usable, norms
@@ -207,14 +232,20 @@ class FederatedStrategy(FedAvg):
         number, sent = self.round.number, self.round.sent
         timeouts = sent - replies
         if timeouts:
-            log(WARNING, "[fedpt-app] round %d: %d sampled client(s) did not reply within round-timeout=%gs",
-                number, timeouts, self.config.federation.round_timeout)
+            log(
+                WARNING,
+                "[fedpt-app] round %d: %d sampled client(s) did not reply within round-timeout=%gs",
+                number,
+                timeouts,
+                self.config.federation.round_timeout,
+            )
         if usable < self.min_train_nodes:
+            problems = "; ".join(self.round.problems) or "no other problems"
             raise RoundFailedError(
                 f"Round {number}: only {usable} usable replies from {sent} sampled clients (min-train-nodes="
-                f"{self.min_train_nodes}); {timeouts} timed out; {'; '.join(self.round.problems) or 'no other problems'}"
-                f". The global adapter of round {number - 1} is kept in the checkpoint: rerun with the same "
-                "output-dir to resume.")
+                f"{self.min_train_nodes}); {timeouts} timed out; {problems}. The global adapter of round {number - 1} "
+                "is kept in the checkpoint: rerun with the same output-dir to resume."
+            )
         return timeouts
 
     def aggregate(self, states: list[dict[str, torch.Tensor]], weights: list[float]) -> State:
@@ -249,8 +280,9 @@ class FederatedStrategy(FedAvg):
     # ---- evaluation and bookkeeping ------------------------------------------------------------------------
     def evaluation_due(self, server_round: int) -> bool:
         interval = self.config.evaluation.eval_interval
-        return interval > 0 and (server_round % interval == 0
-                                 or server_round == self.config.federation.num_server_rounds)
+        return interval > 0 and (
+            server_round % interval == 0 or server_round == self.config.federation.num_server_rounds
+        )
 
     def evaluate_models(self, server_round: int, state: State) -> dict[str, float]:
         """The scores of every model this algorithm reports, with the global adapter `state`."""
@@ -268,14 +300,25 @@ class FederatedStrategy(FedAvg):
         state = from_array_record(arrays)
         scores = self.evaluate_models(number, state) if self.evaluation_due(number) else {}
         finished = time.perf_counter()
-        row = {"round": number, "algorithm": self.config.algorithm, "train_loss": None, "bytes_up": 0,
-               "bytes_down": 0, **self.round.row(), **dict.fromkeys(self.score_names), **scores,
-               "eval_seconds": finished - eval_started, "round_seconds": finished - self.round.started,
-               "server_model_loads": sum(LOAD_COUNTS.values())}
+        row = {
+            "round": number,
+            "algorithm": self.config.algorithm,
+            "train_loss": None,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            **self.round.row(),
+            **dict.fromkeys(self.score_names),
+            **scores,
+            "eval_seconds": finished - eval_started,
+            "round_seconds": finished - self.round.started,
+            "server_model_loads": sum(LOAD_COUNTS.values()),
+        }
         self.metrics.append(row, self.config.federation.num_server_rounds)
         if number > 0:
-            save_checkpoint(self.metrics.output_dir, Checkpoint.capture(number, state, self.metrics.run_config,
-                                                                        server_state=self.server_state()))
+            save_checkpoint(
+                self.metrics.output_dir,
+                Checkpoint.capture(number, state, self.metrics.run_config, server_state=self.server_state()),
+            )
         return MetricRecord(scores) if scores else None
 
     def server_state(self) -> dict[str, torch.Tensor]:

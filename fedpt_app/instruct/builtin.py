@@ -13,43 +13,172 @@ import random
 from dataclasses import dataclass
 
 CAPITALS = {
-    "france": "paris", "germany": "berlin", "italy": "rome", "spain": "madrid", "portugal": "lisbon",
-    "greece": "athens", "poland": "warsaw", "austria": "vienna", "sweden": "stockholm", "norway": "oslo",
-    "finland": "helsinki", "denmark": "copenhagen", "ireland": "dublin", "belgium": "brussels",
-    "hungary": "budapest", "egypt": "cairo", "kenya": "nairobi", "japan": "tokyo", "china": "beijing",
-    "india": "delhi", "russia": "moscow", "canada": "ottawa", "mexico": "mexico city", "peru": "lima",
-    "chile": "santiago", "cuba": "havana", "iran": "tehran", "iraq": "baghdad", "turkey": "ankara",
-    "thailand": "bangkok", "vietnam": "hanoi", "nepal": "kathmandu", "ghana": "accra", "morocco": "rabat",
-    "argentina": "buenos aires", "colombia": "bogota", "australia": "canberra", "brazil": "brasilia",
+    "france": "paris",
+    "germany": "berlin",
+    "italy": "rome",
+    "spain": "madrid",
+    "portugal": "lisbon",
+    "greece": "athens",
+    "poland": "warsaw",
+    "austria": "vienna",
+    "sweden": "stockholm",
+    "norway": "oslo",
+    "finland": "helsinki",
+    "denmark": "copenhagen",
+    "ireland": "dublin",
+    "belgium": "brussels",
+    "hungary": "budapest",
+    "egypt": "cairo",
+    "kenya": "nairobi",
+    "japan": "tokyo",
+    "china": "beijing",
+    "india": "delhi",
+    "russia": "moscow",
+    "canada": "ottawa",
+    "mexico": "mexico city",
+    "peru": "lima",
+    "chile": "santiago",
+    "cuba": "havana",
+    "iran": "tehran",
+    "iraq": "baghdad",
+    "turkey": "ankara",
+    "thailand": "bangkok",
+    "vietnam": "hanoi",
+    "nepal": "kathmandu",
+    "ghana": "accra",
+    "morocco": "rabat",
+    "argentina": "buenos aires",
+    "colombia": "bogota",
+    "australia": "canberra",
+    "brazil": "brasilia",
 }
 ANIMAL_SOUNDS = {
-    "dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "sheep": "baa", "pig": "oink",
-    "horse": "neigh", "lion": "roar", "owl": "hoot", "frog": "croak", "snake": "hiss", "bee": "buzz",
-    "mouse": "squeak", "goat": "bleat", "wolf": "howl", "crow": "caw", "donkey": "bray", "bird": "tweet",
+    "dog": "woof",
+    "cat": "meow",
+    "cow": "moo",
+    "duck": "quack",
+    "sheep": "baa",
+    "pig": "oink",
+    "horse": "neigh",
+    "lion": "roar",
+    "owl": "hoot",
+    "frog": "croak",
+    "snake": "hiss",
+    "bee": "buzz",
+    "mouse": "squeak",
+    "goat": "bleat",
+    "wolf": "howl",
+    "crow": "caw",
+    "donkey": "bray",
+    "bird": "tweet",
 }
 ANTONYMS = {
-    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark", "up": "down",
-    "open": "closed", "early": "late", "full": "empty", "hard": "soft", "high": "low", "long": "short",
-    "new": "old", "rich": "poor", "strong": "weak", "wet": "dry", "young": "old", "loud": "quiet",
-    "clean": "dirty", "thick": "thin", "heavy": "light", "near": "far", "inside": "outside",
-    "day": "night", "first": "last", "win": "lose", "push": "pull", "give": "take", "love": "hate",
-    "true": "false", "left": "right", "north": "south", "east": "west", "buy": "sell", "begin": "end",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "happy": "sad",
+    "light": "dark",
+    "up": "down",
+    "open": "closed",
+    "early": "late",
+    "full": "empty",
+    "hard": "soft",
+    "high": "low",
+    "long": "short",
+    "new": "old",
+    "rich": "poor",
+    "strong": "weak",
+    "wet": "dry",
+    "young": "old",
+    "loud": "quiet",
+    "clean": "dirty",
+    "thick": "thin",
+    "heavy": "light",
+    "near": "far",
+    "inside": "outside",
+    "day": "night",
+    "first": "last",
+    "win": "lose",
+    "push": "pull",
+    "give": "take",
+    "love": "hate",
+    "true": "false",
+    "left": "right",
+    "north": "south",
+    "east": "west",
+    "buy": "sell",
+    "begin": "end",
 }
 COLORS = {
-    "the sky": "blue", "grass": "green", "snow": "white", "coal": "black", "a banana": "yellow",
-    "a tomato": "red", "an orange": "orange", "a lemon": "yellow", "the sea": "blue", "milk": "white",
-    "a carrot": "orange", "a leaf": "green", "blood": "red", "chocolate": "brown", "an eggplant": "purple",
-    "the sun": "yellow", "a strawberry": "red", "soil": "brown", "ink": "black", "a lime": "green",
+    "the sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "coal": "black",
+    "a banana": "yellow",
+    "a tomato": "red",
+    "an orange": "orange",
+    "a lemon": "yellow",
+    "the sea": "blue",
+    "milk": "white",
+    "a carrot": "orange",
+    "a leaf": "green",
+    "blood": "red",
+    "chocolate": "brown",
+    "an eggplant": "purple",
+    "the sun": "yellow",
+    "a strawberry": "red",
+    "soil": "brown",
+    "ink": "black",
+    "a lime": "green",
 }
-NAMES = ["anna", "ben", "carla", "david", "emma", "felix", "grace", "henry", "ivy", "jack", "kate", "leo",
-         "mia", "noah", "olga", "paul", "rosa", "sam", "tina", "victor"]
+NAMES = [
+    "anna",
+    "ben",
+    "carla",
+    "david",
+    "emma",
+    "felix",
+    "grace",
+    "henry",
+    "ivy",
+    "jack",
+    "kate",
+    "leo",
+    "mia",
+    "noah",
+    "olga",
+    "paul",
+    "rosa",
+    "sam",
+    "tina",
+    "victor",
+]
 ITEMS = ["apples", "pears", "books", "coins", "pens", "cards", "shells", "stones", "cups", "hats"]
-WORDS = ["red", "blue", "green", "cat", "dog", "tree", "river", "stone", "cloud", "house", "bread", "lamp",
-         "chair", "moon", "star", "road", "ship", "door", "bell", "rain"]
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "cat",
+    "dog",
+    "tree",
+    "river",
+    "stone",
+    "cloud",
+    "house",
+    "bread",
+    "lamp",
+    "chair",
+    "moon",
+    "star",
+    "road",
+    "ship",
+    "door",
+    "bell",
+    "rain",
+]
 NUMBER_RANGE = 20
 
-CATEGORIES = ("capital", "animal_sound", "antonym", "color", "arithmetic", "parity", "counting",
-              "largest", "reverse")
+CATEGORIES = ("capital", "animal_sound", "antonym", "color", "arithmetic", "parity", "counting", "largest", "reverse")
 
 
 @dataclass(frozen=True)
@@ -60,8 +189,12 @@ class Example:
     category: str
 
     def as_row(self) -> dict[str, str]:
-        return {"instruction": self.instruction, "context": self.context, "response": self.response,
-                "category": self.category}
+        return {
+            "instruction": self.instruction,
+            "context": self.context,
+            "response": self.response,
+            "category": self.category,
+        }
 
 
 # Knowledge questions of each split ask about disjoint entities (all facts are in the pre-training corpus), so
@@ -73,25 +206,24 @@ def _entities(table: dict[str, str], split: str) -> list[str]:
     names = sorted(table)
     random.Random("entity-pools").shuffle(names)
     low, high = SPLIT_SHARES[split]
-    return names[int(low * len(names)):int(high * len(names))]
+    return names[int(low * len(names)) : int(high * len(names))]
 
 
 def _capital(rng: random.Random, split: str) -> Example:
     country = rng.choice(_entities(CAPITALS, split))
-    return Example(f"What is the capital of {country}?", "",
-                   f"The capital of {country} is {CAPITALS[country]}.", "capital")
+    return Example(
+        f"What is the capital of {country}?", "", f"The capital of {country} is {CAPITALS[country]}.", "capital"
+    )
 
 
 def _animal_sound(rng: random.Random, split: str) -> Example:
     animal = rng.choice(_entities(ANIMAL_SOUNDS, split))
-    return Example(f"What sound does a {animal} make?", "", f"A {animal} says {ANIMAL_SOUNDS[animal]}.",
-                   "animal_sound")
+    return Example(f"What sound does a {animal} make?", "", f"A {animal} says {ANIMAL_SOUNDS[animal]}.", "animal_sound")
 
 
 def _antonym(rng: random.Random, split: str) -> Example:
     word = rng.choice(_entities(ANTONYMS, split))
-    return Example(f"What is the opposite of {word}?", "", f"The opposite of {word} is {ANTONYMS[word]}.",
-                   "antonym")
+    return Example(f"What is the opposite of {word}?", "", f"The opposite of {word} is {ANTONYMS[word]}.", "antonym")
 
 
 def _color(rng: random.Random, split: str) -> Example:
@@ -118,17 +250,14 @@ def _counting(rng: random.Random, split: str) -> Example:
     count_a, count_b = rng.randint(1, 9), rng.randint(1, 9)
     context = f"{first} has {count_a} {item_a}. {second} has {count_b} {item_b}."
     if rng.random() < 0.5:
-        return Example(f"How many {item_a} does {first} have?", context, f"{first} has {count_a} {item_a}.",
-                       "counting")
-    return Example(f"How many {item_b} does {second} have?", context, f"{second} has {count_b} {item_b}.",
-                   "counting")
+        return Example(f"How many {item_a} does {first} have?", context, f"{first} has {count_a} {item_a}.", "counting")
+    return Example(f"How many {item_b} does {second} have?", context, f"{second} has {count_b} {item_b}.", "counting")
 
 
 def _largest(rng: random.Random, split: str) -> Example:
     numbers = rng.sample(range(1, 50), 3)
     listed = ", ".join(str(n) for n in numbers)
-    return Example(f"Which number is the largest: {listed}?", "", f"The largest number is {max(numbers)}.",
-                   "largest")
+    return Example(f"Which number is the largest: {listed}?", "", f"The largest number is {max(numbers)}.", "largest")
 
 
 def _reverse(rng: random.Random, split: str) -> Example:
@@ -137,8 +266,14 @@ def _reverse(rng: random.Random, split: str) -> Example:
 
 
 GENERATORS = {
-    "capital": _capital, "animal_sound": _animal_sound, "antonym": _antonym, "color": _color,
-    "arithmetic": _arithmetic, "parity": _parity, "counting": _counting, "largest": _largest,
+    "capital": _capital,
+    "animal_sound": _animal_sound,
+    "antonym": _antonym,
+    "color": _color,
+    "arithmetic": _arithmetic,
+    "parity": _parity,
+    "counting": _counting,
+    "largest": _largest,
     "reverse": _reverse,
 }
 assert tuple(GENERATORS) == CATEGORIES
@@ -175,6 +310,7 @@ def builtin_instruction_split(split: str, seed: int = 0) -> list[dict[str, str]]
 
 # --- pre-training corpus: the same world as plain sentences, never in the instruction format -------------
 
+
 def _fact_sentences(rng: random.Random) -> list[str]:
     country = rng.choice(sorted(CAPITALS))
     animal = rng.choice(sorted(ANIMAL_SOUNDS))
@@ -187,9 +323,12 @@ def _fact_sentences(rng: random.Random) -> list[str]:
     numbers = rng.sample(range(1, 50), 3)
     words = rng.sample(WORDS, 3)
     return [
-        rng.choice([f"the capital of {country} is {CAPITALS[country]}.",
-                    f"{CAPITALS[country]} is the capital of {country}."]),
-        rng.choice([f"a {animal} says {ANIMAL_SOUNDS[animal]}.", f"the {animal} makes the sound {ANIMAL_SOUNDS[animal]}."]),
+        rng.choice(
+            [f"the capital of {country} is {CAPITALS[country]}.", f"{CAPITALS[country]} is the capital of {country}."]
+        ),
+        rng.choice(
+            [f"a {animal} says {ANIMAL_SOUNDS[animal]}.", f"the {animal} makes the sound {ANIMAL_SOUNDS[animal]}."]
+        ),
         rng.choice([f"the opposite of {word} is {ANTONYMS[word]}.", f"{word} and {ANTONYMS[word]} are opposites."]),
         f"{thing} is {COLORS[thing]}.",
         f"{a} plus {b} is {a + b}." if rng.random() < 0.5 else f"{max(a, b)} minus {min(a, b)} is {abs(a - b)}.",

@@ -53,8 +53,9 @@ def normalize_row(raw: dict, where: str) -> dict[str, str]:
         row[field_name] = _first_text(raw[present]).strip() if present else ""
     for required in ("instruction", "response"):
         if not row[required]:
-            raise DatasetError(f"{where}: missing or empty {required!r} "
-                               f"(accepted column names: {', '.join(COLUMN_ALIASES[required])})")
+            raise DatasetError(
+                f"{where}: missing or empty {required!r} (accepted column names: {', '.join(COLUMN_ALIASES[required])})"
+            )
     row["category"] = row["category"] or "general"
     return row
 
@@ -94,7 +95,7 @@ def _split_rows(rows: list[dict[str, str]], test_fraction: float, seed: int) -> 
     if len(rows) < 2 * held_out + 1:
         raise DatasetError(f"Only {len(rows)} rows: too few to hold out test and server splits")
     shuffled = [rows[i] for i in order]
-    return {"test": shuffled[:held_out], "server": shuffled[held_out:2 * held_out], "train": shuffled[2 * held_out:]}
+    return {"test": shuffled[:held_out], "server": shuffled[held_out : 2 * held_out], "train": shuffled[2 * held_out :]}
 
 
 @functools.cache

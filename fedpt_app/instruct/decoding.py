@@ -56,7 +56,9 @@ def pick_next(logits: torch.Tensor, config: DecodingConfig, generator: torch.Gen
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
 
 
-def decode(step: StepFn, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], config: DecodingConfig) -> list[str]:
+def decode(
+    step: StepFn, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], config: DecodingConfig
+) -> list[str]:
     """Continuations of `prompts` (without the prompt), each stopped at EOS or at its first stop string."""
     tokenizer.padding_side = "left"
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True)
@@ -80,8 +82,9 @@ def decode(step: StepFn, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[s
         next_ids = next_ids.masked_fill(finished, tokenizer.pad_token_id)
         attention_mask = torch.cat([attention_mask, torch.ones(len(prompts), 1, dtype=attention_mask.dtype)], dim=1)
         step_ids, step_positions = next_ids[:, None], step_positions[:, -1:] + 1
-    return [cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), config.stop_strings).strip()
-            for ids in generated]
+    return [
+        cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), config.stop_strings).strip() for ids in generated
+    ]
 
 
 def _has_stop(text: str, stop_strings: tuple[str, ...]) -> bool:
@@ -90,17 +93,29 @@ def _has_stop(text: str, stop_strings: tuple[str, ...]) -> bool:
 
 def cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> str:
     cuts = [text.index(stop) for stop in stop_strings if stop in text]
-    return text[:min(cuts)] if cuts else text
+    return text[: min(cuts)] if cuts else text
 
 
-def causal_lm_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     position_ids: torch.Tensor, cache: Any = None, use_cache: bool = False,
-                     **kwargs: Any) -> tuple[torch.Tensor, Any]:
+def causal_lm_logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: Any = None,
+    use_cache: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
     """One forward of a causal LM on its own device: (float32 logits, its KV cache)."""
     device = next(model.parameters()).device
     with torch.no_grad():
-        output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       position_ids=position_ids.to(device), past_key_values=cache, use_cache=use_cache, **kwargs)
+        output = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            past_key_values=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
     return output.logits.float(), output.past_key_values
 
 

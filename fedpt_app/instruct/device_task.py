@@ -22,8 +22,9 @@ PARTITION_COLUMN = "category"  # what the non-IID partitioners skew over
 
 
 @functools.cache
-def _local_examples(source: PartitionSpec | str, partition_id: int, model_ref: str,
-                    max_length: int) -> tuple[TokenizedExample, ...]:
+def _local_examples(
+    source: PartitionSpec | str, partition_id: int, model_ref: str, max_length: int
+) -> tuple[TokenizedExample, ...]:
     """This node's tokenized training rows (its partition, or its own data file), prepared once per process."""
     rows = source_rows(source, partition_id, read_rows_file, training_rows)
     return tuple(tokenize_rows(load_tokenizer(model_ref), rows, max_length))
@@ -55,8 +56,15 @@ def train(msg: Message, context: Context, config: RunConfig) -> Message:
     model = lora_model(model_ref, LoraSpec.from_settings(config.lora), quantization, config.seed)
     load_adapter_state(model, from_array_record(msg.content[ARRAYS_KEY]))
     server_round = round_config.server_round
-    result = train_lora(model, examples, batches, epochs=config.training.local_epochs, lr=round_config.lr,
-                        batch_size=config.training.batch_size, pad_token_id=load_tokenizer(model_ref).pad_token_id,
-                        seed=local_seed(config.seed, server_round, node.index),
-                        description=f"client {node.index} round {server_round}")
+    result = train_lora(
+        model,
+        examples,
+        batches,
+        epochs=config.training.local_epochs,
+        lr=round_config.lr,
+        batch_size=config.training.batch_size,
+        pad_token_id=load_tokenizer(model_ref).pad_token_id,
+        seed=local_seed(config.seed, server_round, node.index),
+        description=f"client {node.index} round {server_round}",
+    )
     return train_reply(msg, model, result, config.federation.wire_dtype)

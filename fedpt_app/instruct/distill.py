@@ -27,14 +27,12 @@ from fedpt_app.instruct.prompts import IGNORE_INDEX, TokenizedExample, collate
 from fedpt_app.instruct.proxy import LogitsProvider, small_offset
 from fedpt_app.models.lora import adapter_state, load_adapter_state
 
-TEACHER_CACHE_MODES = ("memory", "disk", "off")
-
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """`T^2 * KL(softmax(teacher/T) || softmax(student/T))`, averaged over the rows (response positions)."""
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return temperature ** 2 * (teacher.exp() * (teacher - student)).sum(-1).mean()
+    return temperature**2 * (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
 def response_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -72,16 +70,31 @@ class TeacherCache:
     per-example row offsets. `rows(indices)` returns the rows of those examples in `collate` order.
     """
 
-    def __init__(self, examples: Sequence[TokenizedExample], large: LogitsProvider, small: PeftModel, alpha: float,
-                 pad_token_id: int, mode: str, budget_mb: float, directory: Path, batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        examples: Sequence[TokenizedExample],
+        large: LogitsProvider,
+        small: PeftModel,
+        alpha: float,
+        pad_token_id: int,
+        mode: str,
+        budget_mb: float,
+        directory: Path,
+        batch_size: int = 16,
+    ) -> None:
         counts = [response_count(example) for example in examples]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.vocab_size = large.vocab_size
         self.nbytes = int(self.offsets[-1]) * self.vocab_size * 2
-        self.mode = mode if self.nbytes <= budget_mb * 2 ** 20 else "off"
+        self.mode = mode if self.nbytes <= budget_mb * 2**20 else "off"
         if mode != "off" and self.mode == "off":
-            log(WARNING, "[fedpt-app] teacher cache needs %.0f MB > teacher-cache-mb=%g: recomputing the teacher "
-                "every round instead", self.nbytes / 2 ** 20, budget_mb)
+            log(
+                WARNING,
+                "[fedpt-app] teacher cache needs %.0f MB > teacher-cache-mb=%g: recomputing the teacher "
+                "every round instead",
+                self.nbytes / 2**20,
+                budget_mb,
+            )
         self.storage: torch.Tensor | np.memmap | None = None
         if self.mode == "off":
             return
@@ -89,34 +102,43 @@ class TeacherCache:
         shape = (int(self.offsets[-1]), self.vocab_size)
         if self.mode == "disk":
             directory.mkdir(parents=True, exist_ok=True)
-            self.storage = np.lib.format.open_memmap(directory / "teacher-cache.npy", mode="w+", dtype=np.float16,
-                                                     shape=shape)
+            self.storage = np.lib.format.open_memmap(
+                directory / "teacher-cache.npy", mode="w+", dtype=np.float16, shape=shape
+            )
         else:
             self.storage = torch.empty(shape, dtype=torch.float16)
         for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start:start + batch_size], pad_token_id)
+            batch = collate(examples[start : start + batch_size], pad_token_id)
             rows = self._invariant_part(large, small, alpha, batch).to(torch.float16).cpu()
             first, last = self.offsets[start], self.offsets[min(start + batch_size, len(examples))]
             self.storage[first:last] = rows.numpy() if self.mode == "disk" else rows
         if isinstance(self.storage, np.memmap):
             self.storage.flush()
-        log(INFO, "[fedpt-app] teacher cache: %d positions x %d logits, %.1f MB (%s), built in %.1f s",
-            shape[0], shape[1], self.nbytes / 2 ** 20, self.mode, time.perf_counter() - started)
+        log(
+            INFO,
+            "[fedpt-app] teacher cache: %d positions x %d logits, %.1f MB (%s), built in %.1f s",
+            shape[0],
+            shape[1],
+            self.nbytes / 2**20,
+            self.mode,
+            time.perf_counter() - started,
+        )
 
     @staticmethod
-    def _invariant_part(large: LogitsProvider, small: PeftModel, alpha: float,
-                        batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _invariant_part(
+        large: LogitsProvider, small: PeftModel, alpha: float, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         large_rows = _forward_at_responses(lambda *a: large.logits(*a)[0], batch)
         with small.disable_adapter():
             base_rows = _forward_at_responses(lambda *a: _no_grad_logits(small, *a), batch)
-        return large_rows - alpha * base_rows[:, :large.vocab_size].to(large_rows.device)
+        return large_rows - alpha * base_rows[:, : large.vocab_size].to(large_rows.device)
 
     @property
     def enabled(self) -> bool:
         return self.storage is not None
 
     def rows(self, indices: Sequence[int]) -> torch.Tensor:
-        parts = [self.storage[self.offsets[i]:self.offsets[i + 1]] for i in indices]
+        parts = [self.storage[self.offsets[i] : self.offsets[i + 1]] for i in indices]
         if self.mode == "disk":
             return torch.from_numpy(np.concatenate(parts)).float()
         return torch.cat(parts).float()
@@ -125,8 +147,11 @@ class TeacherCache:
 def _no_grad_logits(model: torch.nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
     device = next(model.parameters()).device
     with torch.no_grad():
-        return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                     position_ids=position_ids.to(device)).logits.float()
+        return model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+        ).logits.float()
 
 
 class AdapterSlots:
@@ -163,16 +188,25 @@ class DistillResult:
 class ProxyDistiller:
     """Distils the proxy-tuned large model into the small model's adapter, `steps` AdamW steps per round."""
 
-    def __init__(self, small: PeftModel, large: LogitsProvider, examples: Sequence[TokenizedExample],
-                 config: DistillConfig, pad_token_id: int, cache_mode: str, cache_budget_mb: float,
-                 cache_dir: Path) -> None:
+    def __init__(
+        self,
+        small: PeftModel,
+        large: LogitsProvider,
+        examples: Sequence[TokenizedExample],
+        config: DistillConfig,
+        pad_token_id: int,
+        cache_mode: str,
+        cache_budget_mb: float,
+        cache_dir: Path,
+    ) -> None:
         if not examples:
             raise ValueError("The distillation set is empty: no server row has a response token within max-length")
         self.small, self.large, self.examples, self.config = small, large, list(examples), config
         self.pad_token_id = pad_token_id
         self.small.eval()
-        self.cache = TeacherCache(self.examples, large, small, config.alpha, pad_token_id, cache_mode,
-                                  cache_budget_mb, cache_dir)
+        self.cache = TeacherCache(
+            self.examples, large, small, config.alpha, pad_token_id, cache_mode, cache_budget_mb, cache_dir
+        )
 
     def batch_indices(self, server_round: int) -> list[list[int]]:
         """The round's `steps` batches: a fresh shuffle per round, cycling through the distillation set."""
@@ -181,7 +215,7 @@ class ProxyDistiller:
         while len(order) < self.config.steps * self.config.batch_size:
             order += torch.randperm(len(self.examples), generator=generator).tolist()
         size = self.config.batch_size
-        return [order[step * size:(step + 1) * size] for step in range(self.config.steps)]
+        return [order[step * size : (step + 1) * size] for step in range(self.config.steps)]
 
     def teacher(self, indices: Sequence[int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Teacher logits at the response positions of examples `indices` (collated as `batch`), with the small
@@ -209,10 +243,11 @@ class ProxyDistiller:
                 teacher = self.teacher(indices, batch).to(device)
             mask = response_positions(batch["labels"]).to(device)
             self.small.train()
-            logits = self.small(input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device)).logits
+            logits = self.small(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
             self.small.eval()
-            loss = kd_loss(logits[mask][:, :self.large.vocab_size], teacher, self.config.temperature)
+            loss = kd_loss(logits[mask][:, : self.large.vocab_size], teacher, self.config.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

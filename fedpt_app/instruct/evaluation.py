@@ -43,19 +43,27 @@ def normalize_answer(text: str) -> str:
 
 def score(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, float]:
     """(Rouge-L F1, exact match), both in percent."""
-    rouge = [_SCORER.score(reference, prediction)["rougeL"].fmeasure
-             for prediction, reference in zip(predictions, references, strict=True)]
+    rouge = [
+        _SCORER.score(reference, prediction)["rougeL"].fmeasure
+        for prediction, reference in zip(predictions, references, strict=True)
+    ]
     exact = [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)]
     return 100.0 * sum(rouge) / len(rouge), 100.0 * sum(exact) / len(exact)
 
 
-def evaluate_generation(new_step: Callable[[], StepFn], tokenizer: PreTrainedTokenizerBase,
-                        rows: Sequence[dict[str, str]], *, max_new_tokens: int, batch_size: int) -> GenerationScores:
+def evaluate_generation(
+    new_step: Callable[[], StepFn],
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[dict[str, str]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> GenerationScores:
     """Greedy answers to `rows` in batches, each batch decoded with a fresh step function (fresh KV caches)."""
     prompts = [build_prompt(row["instruction"], row.get("context", "")) for row in rows]
     config = DecodingConfig(max_new_tokens=max_new_tokens)
     predictions: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        predictions += decode(new_step(), tokenizer, prompts[start:start + batch_size], config)
+        predictions += decode(new_step(), tokenizer, prompts[start : start + batch_size], config)
     rouge_l, exact_match = score(predictions, [row["response"] for row in rows])
     return GenerationScores(rouge_l, exact_match, predictions)

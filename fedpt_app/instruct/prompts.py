@@ -25,7 +25,9 @@ class TokenizedExample:
     labels: list[int]
 
 
-def tokenize_example(tokenizer: PreTrainedTokenizerBase, row: dict[str, str], max_length: int) -> TokenizedExample | None:
+def tokenize_example(
+    tokenizer: PreTrainedTokenizerBase, row: dict[str, str], max_length: int
+) -> TokenizedExample | None:
     """Prompt + response + EOS, labels masked on the prompt; None when no response token fits in max_length."""
     prompt_ids = tokenizer(build_prompt(row["instruction"], row.get("context", "")))["input_ids"]
     response_ids = tokenizer(row["response"].strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -36,7 +38,9 @@ def tokenize_example(tokenizer: PreTrainedTokenizerBase, row: dict[str, str], ma
     return TokenizedExample(input_ids, labels)
 
 
-def tokenize_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, str]], max_length: int) -> list[TokenizedExample]:
+def tokenize_rows(
+    tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, str]], max_length: int
+) -> list[TokenizedExample]:
     examples = [tokenize_example(tokenizer, row, max_length) for row in rows]
     return [example for example in examples if example is not None]
 
@@ -55,10 +59,11 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def batches(examples: Sequence[TokenizedExample], batch_size: int, pad_token_id: int,
-            generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def batches(
+    examples: Sequence[TokenizedExample], batch_size: int, pad_token_id: int, generator: torch.Generator | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffled (when a generator is given) mini-batches of one pass over the examples."""
     order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
     order = list(order)
     for start in range(0, len(order), batch_size):
-        yield collate([examples[i] for i in order[start:start + batch_size]], pad_token_id)
+        yield collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)

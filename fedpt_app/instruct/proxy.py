@@ -30,8 +30,14 @@ class LogitsProvider(Protocol):
 
     vocab_size: int
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-               cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]: ...
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Any]: ...
 
 
 class LocalLogitsProvider:
@@ -43,7 +49,7 @@ class LocalLogitsProvider:
 
     def logits(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False):
         logits, cache = causal_lm_logits(self.model, input_ids, attention_mask, position_ids, cache, use_cache)
-        return logits[..., :self.vocab_size], cache
+        return logits[..., : self.vocab_size], cache
 
 
 def check_logit_widths(vocab_size: int, widths: dict[str, int]) -> int:
@@ -51,8 +57,10 @@ def check_logit_widths(vocab_size: int, widths: dict[str, int]) -> int:
     many logit rows (extra rows are padding, as in Qwen, and are dropped)."""
     for ref, width in widths.items():
         if width < vocab_size:
-            raise VocabularyMismatchError(f"Model {ref!r} has {width} logit rows for a {vocab_size}-token "
-                                          "vocabulary: it does not match its tokenizer")
+            raise VocabularyMismatchError(
+                f"Model {ref!r} has {width} logit rows for a {vocab_size}-token "
+                "vocabulary: it does not match its tokenizer"
+            )
     return vocab_size
 
 
@@ -70,25 +78,41 @@ def shared_vocab_size(small_ref: str, large_ref: str) -> int:
         raise VocabularyMismatchError(
             f"Models {small_ref!r} ({len(small_vocab)} tokens) and {large_ref!r} ({len(large_vocab)} tokens) do "
             f"not share a tokenizer ({only_small} tokens only in the small, {only_large} only in the large, the "
-            "rest may map to different ids): proxy-tuning needs a same-family pair")
-    widths = {ref: AutoConfig.from_pretrained(resolve_model_ref(ref)).get_text_config().vocab_size
-              for ref in (small_ref, large_ref)}  # from the configs: no weights loaded for the check
+            "rest may map to different ids): proxy-tuning needs a same-family pair"
+        )
+    widths = {
+        ref: AutoConfig.from_pretrained(resolve_model_ref(ref)).get_text_config().vocab_size
+        for ref in (small_ref, large_ref)
+    }  # from the configs: no weights loaded for the check
     return check_logit_widths(len(small_vocab), widths)
 
 
-def proxy_logits(large: torch.Tensor, small_tuned: torch.Tensor, small_base: torch.Tensor | float,
-                 alpha: float) -> torch.Tensor:
+def proxy_logits(
+    large: torch.Tensor, small_tuned: torch.Tensor, small_base: torch.Tensor | float, alpha: float
+) -> torch.Tensor:
     return large + alpha * (small_tuned - small_base)
 
 
-def small_offset(small: PeftModel, vocab_size: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor, cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+def small_offset(
+    small: PeftModel,
+    vocab_size: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: Any = None,
+    use_cache: bool = False,
+) -> tuple[torch.Tensor, Any]:
     """`zs_tuned - zs_base` from ONE batched forward: the batch twice, the adapter applied to the first half only."""
     batch = input_ids.shape[0]
     with adapter_on_first_rows(small, batch, 2 * batch):
-        logits, cache = causal_lm_logits(small, torch.cat([input_ids, input_ids]),
-                                         torch.cat([attention_mask, attention_mask]),
-                                         torch.cat([position_ids, position_ids]), cache, use_cache)
+        logits, cache = causal_lm_logits(
+            small,
+            torch.cat([input_ids, input_ids]),
+            torch.cat([attention_mask, attention_mask]),
+            torch.cat([position_ids, position_ids]),
+            cache,
+            use_cache,
+        )
     logits = logits[..., :vocab_size]
     return logits[:batch] - logits[batch:], cache
 
@@ -104,8 +128,10 @@ def adapter_on_first_rows(model: PeftModel, rows: int, total: int) -> Iterator[N
     suffix = f"lora_B.{model.active_adapter}"
     modules = [module for name, module in model.named_modules() if name.endswith(suffix)]
     if not modules:
-        raise ValueError("The small model has no LoRA layers with a lora_B module (only LoRA on linear layers "
-                         "is supported for proxy-tuning)")
+        raise ValueError(
+            "The small model has no LoRA layers with a lora_B module (only LoRA on linear layers "
+            "is supported for proxy-tuning)"
+        )
     mask = torch.zeros(total, 1, 1)
     mask[:rows] = 1.0
     masks: dict[tuple, torch.Tensor] = {}
@@ -130,8 +156,9 @@ def proxy_step(large: LogitsProvider, small: PeftModel, alpha: float) -> StepFn:
 
     def step(input_ids, attention_mask, position_ids):
         large_logits, caches["large"] = large.logits(input_ids, attention_mask, position_ids, caches["large"], True)
-        offset, caches["small"] = small_offset(small, large.vocab_size, input_ids, attention_mask, position_ids,
-                                               caches["small"], True)
+        offset, caches["small"] = small_offset(
+            small, large.vocab_size, input_ids, attention_mask, position_ids, caches["small"], True
+        )
         return proxy_logits(large_logits[:, -1], offset[:, -1].to(large_logits.device), 0.0, alpha)
 
     return step
@@ -159,15 +186,27 @@ def naive_proxy_step(large: LogitsProvider, small: PeftModel, alpha: float) -> S
         tuned, _ = causal_lm_logits(small, ids, attention_mask, positions)
         with small.disable_adapter():
             base, _ = causal_lm_logits(small, ids, attention_mask, positions)
-        return proxy_logits(large_logits[:, -1], tuned[:, -1, :vocab].to(large_logits.device),
-                            base[:, -1, :vocab].to(large_logits.device), alpha)
+        return proxy_logits(
+            large_logits[:, -1],
+            tuned[:, -1, :vocab].to(large_logits.device),
+            base[:, -1, :vocab].to(large_logits.device),
+            alpha,
+        )
 
     return step
 
 
-def proxy_generate(large: LogitsProvider, small: PeftModel, tokenizer, instructions: Sequence[str], *,
-                   alpha: float = 1.0, config: DecodingConfig | None = None, batch_size: int = 16,
-                   contexts: Sequence[str] | None = None) -> list[str]:
+def proxy_generate(
+    large: LogitsProvider,
+    small: PeftModel,
+    tokenizer,
+    instructions: Sequence[str],
+    *,
+    alpha: float = 1.0,
+    config: DecodingConfig | None = None,
+    batch_size: int = 16,
+    contexts: Sequence[str] | None = None,
+) -> list[str]:
     """Answers of the proxy-tuned large model to instructions, in the project's prompt template.
 
     The Python entry point behind `fedpt-app generate`.
@@ -178,5 +217,5 @@ def proxy_generate(large: LogitsProvider, small: PeftModel, tokenizer, instructi
     small.eval()
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        outputs += decode(proxy_step(large, small, alpha), tokenizer, prompts[start:start + batch_size], config)
+        outputs += decode(proxy_step(large, small, alpha), tokenizer, prompts[start : start + batch_size], config)
     return outputs

@@ -66,28 +66,55 @@ def train_tokenizer(corpus: list[str], instruction_rows: list[dict[str, str]]) -
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[PAD, BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(corpus + [_render_instruction(row) for row in instruction_rows], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   model_max_length=MAX_LENGTH, add_prefix_space=False,
-                                   clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=MAX_LENGTH,
+        add_prefix_space=False,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def build_configs(tokenizer: PreTrainedTokenizerFast) -> dict[str, LlamaConfig]:
-    shared = {"vocab_size": len(tokenizer), "max_position_embeddings": MAX_LENGTH, "tie_word_embeddings": True,
-              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-              "pad_token_id": tokenizer.pad_token_id, "rms_norm_eps": 1e-5}
+    shared = {
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": MAX_LENGTH,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "rms_norm_eps": 1e-5,
+    }
     return {
-        "small": LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                             intermediate_size=192, **shared),
-        "large": LlamaConfig(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                             intermediate_size=512, **shared),
+        "small": LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=192,
+            **shared,
+        ),
+        "large": LlamaConfig(
+            hidden_size=192,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=512,
+            **shared,
+        ),
     }
 
 
-def pack_blocks(tokenizer: PreTrainedTokenizerFast, documents: list[str],
-                block_size: int = BLOCK_SIZE) -> torch.Tensor:
+def pack_blocks(tokenizer: PreTrainedTokenizerFast, documents: list[str], block_size: int = BLOCK_SIZE) -> torch.Tensor:
     """Documents joined with eos into one stream, cut into full blocks (the ragged tail is dropped)."""
     stream: list[int] = []
     for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
@@ -97,8 +124,14 @@ def pack_blocks(tokenizer: PreTrainedTokenizerFast, documents: list[str],
     return torch.tensor(stream[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
 
 
-def pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, settings: TrainSettings, seed: int,
-             log: Callable[[str], None], name: str) -> None:
+def pretrain(
+    model: LlamaForCausalLM,
+    blocks: torch.Tensor,
+    settings: TrainSettings,
+    seed: int,
+    log: Callable[[str], None],
+    name: str,
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
@@ -115,7 +148,7 @@ def pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, settings: TrainSetti
     for step in range(settings.steps):
         if cursor + settings.batch_size > len(order):
             order, cursor = torch.randperm(len(blocks), generator=generator), 0
-        batch = blocks[order[cursor: cursor + settings.batch_size]]
+        batch = blocks[order[cursor : cursor + settings.batch_size]]
         cursor += settings.batch_size
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -124,8 +157,10 @@ def pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, settings: TrainSetti
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == settings.steps - 1:
-            log(f"[tiny-preset] {name} step {step + 1}/{settings.steps} loss {loss.item():.3f} "
-                f"elapsed {time.perf_counter() - start:.1f}s")
+            log(
+                f"[tiny-preset] {name} step {step + 1}/{settings.steps} loss {loss.item():.3f} "
+                f"elapsed {time.perf_counter() - start:.1f}s"
+            )
     model.eval()
 
 
@@ -140,7 +175,9 @@ def heldout_loss(model: LlamaForCausalLM, blocks: torch.Tensor, batch_size: int 
 def _is_complete(folder: Path) -> bool:
     return (folder / "report.json").is_file() and all(
         (folder / name / file).is_file()
-        for name in MODEL_NAMES for file in ("config.json", "model.safetensors", "tokenizer.json"))
+        for name in MODEL_NAMES
+        for file in ("config.json", "model.safetensors", "tokenizer.json")
+    )
 
 
 def build_tiny_preset(destination: Path, *, seed: int = 0, log: Callable[[str], None] = print) -> dict:
@@ -157,8 +194,10 @@ def build_tiny_preset(destination: Path, *, seed: int = 0, log: Callable[[str], 
         tokenizer = train_tokenizer(corpus, builtin_instruction_split("train", seed=seed))
         train_blocks = pack_blocks(tokenizer, corpus)
         heldout_blocks = pack_blocks(tokenizer, pretraining_corpus(HELDOUT_DOCUMENTS, seed=seed + 1000))
-        log(f"[tiny-preset] tokenizer vocab {len(tokenizer)}, {len(train_blocks)} training blocks of "
-            f"{BLOCK_SIZE} tokens, {len(heldout_blocks)} held-out blocks")
+        log(
+            f"[tiny-preset] tokenizer vocab {len(tokenizer)}, {len(train_blocks)} training blocks of "
+            f"{BLOCK_SIZE} tokens, {len(heldout_blocks)} held-out blocks"
+        )
         report: dict = {}
         for index, (name, config) in enumerate(build_configs(tokenizer).items()):
             torch.manual_seed(seed + index)
@@ -169,8 +208,12 @@ def build_tiny_preset(destination: Path, *, seed: int = 0, log: Callable[[str], 
             log(f"[tiny-preset] {name}: {report[name]['parameters']:,} parameters, held-out loss {loss:.3f}")
             model.save_pretrained(staging / name, safe_serialization=True)
             tokenizer.save_pretrained(staging / name)
-        report.update(tokenizer_vocab_size=len(tokenizer), pretrain_seconds=time.perf_counter() - started,
-                      seed=seed, corpus_documents=CORPUS_DOCUMENTS)
+        report.update(
+            tokenizer_vocab_size=len(tokenizer),
+            pretrain_seconds=time.perf_counter() - started,
+            seed=seed,
+            corpus_documents=CORPUS_DOCUMENTS,
+        )
         (staging / "report.json").write_text(json.dumps(report, indent=2))
         if destination.exists() and not _is_complete(destination):
             shutil.rmtree(destination)  # a leftover from an interrupted, non-atomic copy

@@ -71,8 +71,7 @@ def tiny_preset_dir(seed: int = 0) -> Path:
 
     with file_lock(destination.with_suffix(".lock")):
         if not (destination / "report.json").exists():
-            print(f"[fedpt-app] Pre-training the embedded tiny preset into {destination} (first use only)",
-                  flush=True)
+            print(f"[fedpt-app] Pre-training the embedded tiny preset into {destination} (first use only)", flush=True)
             build_tiny_preset(destination, seed=seed)
     return destination
 
@@ -88,8 +87,9 @@ def _dequantized_gguf_dir(gguf_path: Path) -> Path:
         if not (destination / "config.json").exists():
             folder, name = str(gguf_path.parent), gguf_path.name
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16,
-                                                         quantization_config=GgufConfig(dequantize=True))
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+            )
             staging = destination.with_name(destination.name + ".partial")
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
@@ -123,9 +123,11 @@ def resolve_model_ref(ref: str) -> str:
     if ref.startswith(("/", ".", "~")) or path.exists():
         raise ModelLoadError(f"Model path {ref!r} does not exist or is not a model folder")
     if not _HUB_ID.match(ref):
-        raise ModelLoadError(f"Model reference {ref!r} is neither a built-in name "
-                             f"{sorted(BUILTIN_MODELS) + sorted(PACKAGED_GGUF) + sorted(PACKAGED_FOLDERS)}, "
-                             "a local folder, a .gguf file, nor a hub id like 'org/name'")
+        raise ModelLoadError(
+            f"Model reference {ref!r} is neither a built-in name "
+            f"{sorted(BUILTIN_MODELS) + sorted(PACKAGED_GGUF) + sorted(PACKAGED_FOLDERS)}, "
+            "a local folder, a .gguf file, nor a hub id like 'org/name'"
+        )
     return ref
 
 
@@ -135,8 +137,7 @@ def _quantization_config(quantization: str) -> BitsAndBytesConfig | None:
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_compute_dtype=torch.float32)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     raise ModelLoadError(f"Unknown quantization {quantization!r}; choose none, 8bit or 4bit")
 
 

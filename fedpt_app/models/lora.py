@@ -31,9 +31,14 @@ class LoraSpec:
         return cls(settings.r, settings.alpha, settings.dropout, tuple(modules) if modules else None)
 
     def peft_config(self) -> LoraConfig:
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules) if self.target_modules else None,
-                          task_type="CAUSAL_LM", bias="none")
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules) if self.target_modules else None,
+            task_type="CAUSAL_LM",
+            bias="none",
+        )
 
 
 @functools.cache
@@ -63,20 +68,23 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
     expected = get_peft_model_state_dict(model)
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
-        raise ValueError(f"Adapter keys do not match the model: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}")
+        raise ValueError(
+            f"Adapter keys do not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"Adapter tensor {key} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(expected[key].shape)}")
+            raise ValueError(
+                f"Adapter tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+            )
     set_peft_model_state_dict(model, state)
 
 
 def to_array_record(state: dict[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
     """Serialize adapter tensors for the wire (float32 or float16: ArrayRecord has no bfloat16)."""
     dtype = np.dtype(wire_dtype)
-    return ArrayRecord({key: Array(tensor.detach().cpu().float().numpy().astype(dtype, copy=False))
-                        for key, tensor in state.items()})
+    return ArrayRecord(
+        {key: Array(tensor.detach().cpu().float().numpy().astype(dtype, copy=False)) for key, tensor in state.items()}
+    )
 
 
 def from_array_record(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:

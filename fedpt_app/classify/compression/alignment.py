@@ -41,8 +41,9 @@ def ffn_product(ffn: FFN) -> torch.Tensor:
     return up @ down if isinstance(ffn.up, Conv1D) else down @ up
 
 
-def product_regularizer(teacher_ffns: Sequence[FFN], student_ffns: Sequence[FFN],
-                        layers: Sequence[int]) -> torch.Tensor:
+def product_regularizer(
+    teacher_ffns: Sequence[FFN], student_ffns: Sequence[FFN], layers: Sequence[int]
+) -> torch.Tensor:
     """sum over layers of ||W1·W2 - W1'·W2'||^2 / ||W1·W2||^2, differentiable in the student's weights."""
     total = torch.zeros((), device=student_ffns[layers[0]].up.weight.device)
     for layer in layers:
@@ -57,9 +58,18 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     return model(**inputs, output_hidden_states=True).hidden_states
 
 
-def distill(teacher: nn.Module, student: nn.Module, parameters: Sequence[nn.Parameter],
-            batches: Iterable[dict[str, torch.Tensor]], *, pairs: Sequence[tuple[int, int]], steps: int, lr: float,
-            regularizer=None, gradient_masks: dict[nn.Parameter, torch.Tensor] | None = None) -> AlignmentResult:
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    parameters: Sequence[nn.Parameter],
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    pairs: Sequence[tuple[int, int]],
+    steps: int,
+    lr: float,
+    regularizer=None,
+    gradient_masks: dict[nn.Parameter, torch.Tensor] | None = None,
+) -> AlignmentResult:
     """Train `parameters` of the student so its hidden states at `pairs` (teacher index, student index into
     `hidden_states`) match the teacher's; AdamW with a linear decay, no weight decay (a masked entry never moves).
 

@@ -19,8 +19,9 @@ from fedpt_app.classify.compression.ffn import find_ffns
 
 
 @torch.no_grad()
-def count_zero_activations(model: nn.Module, layers: Sequence[int],
-                           batches: Iterable[dict[str, torch.Tensor]]) -> tuple[dict[int, torch.Tensor], int]:
+def count_zero_activations(
+    model: nn.Module, layers: Sequence[int], batches: Iterable[dict[str, torch.Tensor]]
+) -> tuple[dict[int, torch.Tensor], int]:
     """({layer: per-neuron count of tokens with pre-activation <= 0}, number of real tokens)."""
     ffns = find_ffns(model)
     counts = {layer: torch.zeros(ffns[layer].width, dtype=torch.float64) for layer in layers}
@@ -30,6 +31,7 @@ def count_zero_activations(model: nn.Module, layers: Sequence[int],
         def hook(_module, _inputs, output):
             zero = (output <= 0) & current_mask[0].unsqueeze(-1).bool()
             counts[layer] += zero.sum(dim=tuple(range(zero.dim() - 1))).double().cpu()
+
         return hook
 
     handles = [ffns[layer].activation_source.register_forward_hook(counter(layer)) for layer in layers]
@@ -70,7 +72,11 @@ def apoz_record_problem(record: object, widths: dict[str, int]) -> str | None:
         counts = record[key].numpy()
         if counts.shape != (width,):
             return f"APoZ {key} has shape {counts.shape}, expected ({width},)"
-        if not np.isfinite(counts).all() or (counts < 0).any() or (counts > tokens[0]).any() \
-                or (counts != np.round(counts)).any():
+        if (
+            not np.isfinite(counts).all()
+            or (counts < 0).any()
+            or (counts > tokens[0]).any()
+            or (counts != np.round(counts)).any()
+        ):
             return f"APoZ {key} must hold integer counts in [0, tokens]"
     return None

@@ -27,8 +27,10 @@ class EmulatorLayout:
         middle = num_layers - 2 * adapter
         emulator = emulator_layers or (3 if num_layers >= 12 else -(-middle // 2))
         if middle < 1 or not 1 <= emulator <= middle:
-            raise ValueError(f"FedOT needs 1 <= emulator layers <= middle layers: {num_layers} layers, {adapter} "
-                             f"adapter layers per side leave {middle} middle layers, asked for {emulator}")
+            raise ValueError(
+                f"FedOT needs 1 <= emulator layers <= middle layers: {num_layers} layers, {adapter} "
+                f"adapter layers per side leave {middle} middle layers, asked for {emulator}"
+            )
         return cls(num_layers, adapter, emulator)
 
     @property
@@ -69,11 +71,17 @@ def build_emulator(model: nn.Module, layout: EmulatorLayout) -> nn.Module:
     emulator = copy.deepcopy(model)
     path = blocks_path(emulator)
     blocks = emulator.get_submodule(path)
-    keep = layout.full_adapter_layers[:layout.adapter_layers] + layout.kept_middle + \
-        layout.full_adapter_layers[layout.adapter_layers:]
+    keep = (
+        layout.full_adapter_layers[: layout.adapter_layers]
+        + layout.kept_middle
+        + layout.full_adapter_layers[layout.adapter_layers :]
+    )
     parent_name, _, child = path.rpartition(".")
-    setattr(emulator.get_submodule(parent_name) if parent_name else emulator, child,
-            nn.ModuleList([blocks[index] for index in keep]))
+    setattr(
+        emulator.get_submodule(parent_name) if parent_name else emulator,
+        child,
+        nn.ModuleList([blocks[index] for index in keep]),
+    )
     emulator.config.num_hidden_layers = len(keep)
     if getattr(emulator.config, "fedpt_ffn_modules", None):  # FFN names found on the full model, per block
         emulator.config.fedpt_ffn_modules = [emulator.config.fedpt_ffn_modules[index] for index in keep]

@@ -83,14 +83,20 @@ class FFN:
         parent_name = self.down_name.rpartition(".")[0]
         if not parent_name:  # the down projection sits in the block itself: its norms belong to attention too
             return []
-        return [module for module in self.block.get_submodule(parent_name).children()
-                if "norm" in type(module).__name__.lower()]
+        return [
+            module
+            for module in self.block.get_submodule(parent_name).children()
+            if "norm" in type(module).__name__.lower()
+        ]
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The longest ModuleList whose children are all of one class: the model's stack of transformer blocks."""
-    candidates = [module for module in model.modules() if isinstance(module, nn.ModuleList) and len(module) > 0
-                  and len({type(child) for child in module}) == 1]
+    candidates = [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(child) for child in module}) == 1
+    ]
     if not candidates:
         raise FFNNotFoundError(f"{type(model).__name__} has no stack of transformer blocks")
     return max(candidates, key=len)
@@ -111,19 +117,25 @@ def _discover(model: nn.Module) -> list[list[str | None]]:
     hidden = hidden_size(model)
     names = []
     for layer, block in enumerate(transformer_blocks(model)):
-        projections = {name: _in_out(module) for name, module in block.named_modules()
-                       if isinstance(module, (nn.Linear, Conv1D)) and not _is_adapter(name)}
+        projections = {
+            name: _in_out(module)
+            for name, module in block.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D)) and not _is_adapter(name)
+        }
         downs = [name for name, (fan_in, fan_out) in projections.items() if fan_out == hidden and fan_in != hidden]
         if len(downs) != 1:
-            raise FFNNotFoundError(f"Layer {layer} of {type(model).__name__}: expected one d_ff -> {hidden} "
-                                   f"projection, found {downs or 'none'}")
+            raise FFNNotFoundError(
+                f"Layer {layer} of {type(model).__name__}: expected one d_ff -> {hidden} "
+                f"projection, found {downs or 'none'}"
+            )
         width = projections[downs[0]][0]
         ups = [name for name, (fan_in, fan_out) in projections.items() if fan_in == hidden and fan_out == width]
         gates = [name for name in ups if "gate" in name.rsplit(".", 1)[-1]]
         rest = [name for name in ups if name not in gates]
         if len(rest) != 1 or len(gates) > 1:
-            raise FFNNotFoundError(f"Layer {layer} of {type(model).__name__}: cannot tell the FFN's up projection "
-                                   f"among {ups or 'none'}")
+            raise FFNNotFoundError(
+                f"Layer {layer} of {type(model).__name__}: cannot tell the FFN's up projection among {ups or 'none'}"
+            )
         names.append([rest[0], gates[0] if gates else None, downs[0]])
     return names
 
@@ -137,8 +149,10 @@ def find_ffns(model: nn.Module) -> list[FFN]:
         names = _discover(model)
         model.config.fedpt_ffn_modules = names
     blocks = transformer_blocks(model)
-    return [FFN(layer, block, up_name=up, gate_name=gate, down_name=down)
-            for layer, (block, (up, gate, down)) in enumerate(zip(blocks, names, strict=True))]
+    return [
+        FFN(layer, block, up_name=up, gate_name=gate, down_name=down)
+        for layer, (block, (up, gate, down)) in enumerate(zip(blocks, names, strict=True))
+    ]
 
 
 def neuron_saliency(ffn: FFN) -> torch.Tensor:

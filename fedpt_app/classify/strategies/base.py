@@ -38,16 +38,19 @@ class ClassifyStrategy(FederatedStrategy):
         splits = load_classification_splits(data.dataset, data.test_dataset, data.test_fraction, config.seed)
         self.label_names = splits.label_names
         max_length = config.training.max_length
-        self.test_examples = encode_rows(self.tokenizer, splits.test[:config.evaluation.eval_samples], max_length)
-        public = splits.public[:classify.public_samples] if classify.public_samples else splits.public
+        self.test_examples = encode_rows(self.tokenizer, splits.test[: config.evaluation.eval_samples], max_length)
+        public = splits.public[: classify.public_samples] if classify.public_samples else splits.public
         self.public_examples = encode_rows(self.tokenizer, public, max_length)
         full = load_classifier(classify.foundation_model, splits.num_labels, config.seed)
         base = self.client_base(full)
         self.package = ModelPackage.of(base)  # before LoRA is injected into it
         spec = LoraSpec.from_settings(config.lora)
         self.full_model = lora_classifier(full, spec, config.seed, layers=self.full_lora_layers())
-        self.model = self.full_model if base is full else lora_classifier(base, spec, config.seed,
-                                                                           layers=self.client_lora_layers())
+        self.model = (
+            self.full_model
+            if base is full
+            else lora_classifier(base, spec, config.seed, layers=self.client_lora_layers())
+        )
         self._check_plug_in()
         self.base_version = 0  # bumped when the server changes the client base (FedPFT's alignment)
         self.holders: dict[int, int] = {}  # node id -> version of the client base it confirmed holding
@@ -59,17 +62,25 @@ class ClassifyStrategy(FederatedStrategy):
     def distillation_recipe(self) -> dict:
         """What determines a base distilled on the public texts (part of its cache key)."""
         config, data, classify = self.config, self.config.data, self.config.classify
-        return {"data": data.dataset, "test_fraction": data.test_fraction, "public": len(self.public_examples),
-                "max_length": config.training.max_length, "steps": classify.align_steps, "lr": classify.align_lr,
-                "mu": classify.align_mu, "batch": classify.align_batch_size, "seed": config.seed}
+        return {
+            "data": data.dataset,
+            "test_fraction": data.test_fraction,
+            "public": len(self.public_examples),
+            "max_length": config.training.max_length,
+            "steps": classify.align_steps,
+            "lr": classify.align_lr,
+            "mu": classify.align_mu,
+            "batch": classify.align_batch_size,
+            "seed": config.seed,
+        }
 
     def public_batches(self, server_round: int) -> Iterator[dict[str, torch.Tensor]]:
         """Endless shuffled batches of the public (unlabeled) texts, seeded by the round."""
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + server_round)
         return itertools.chain.from_iterable(
-            batches(self.public_examples, self.config.classify.align_batch_size, self.tokenizer.pad_token_id,
-                    generator)
-            for _ in itertools.count())
+            batches(self.public_examples, self.config.classify.align_batch_size, self.tokenizer.pad_token_id, generator)
+            for _ in itertools.count()
+        )
 
     def full_lora_layers(self) -> list[int] | None:
         return None  # LoRA in every block
@@ -86,8 +97,10 @@ class ClassifyStrategy(FederatedStrategy):
         plugged = self.plugged(client)
         shapes = {key: tuple(tensor.shape) for key, tensor in plugged.items()}
         if shapes != {key: tuple(tensor.shape) for key, tensor in full.items()}:
-            raise ValueError(f"{self.config.algorithm}: the client adapter does not plug into the full FM "
-                             f"({sorted(set(shapes) ^ set(full))[:3]})")
+            raise ValueError(
+                f"{self.config.algorithm}: the client adapter does not plug into the full FM "
+                f"({sorted(set(shapes) ^ set(full))[:3]})"
+            )
 
     # ---- what each client receives -----------------------------------------------------------------------
     def open_round(self, number: int, arrays: ArrayRecord) -> tuple[RoundConfig, ArrayRecord]:
@@ -97,8 +110,9 @@ class ClassifyStrategy(FederatedStrategy):
 
     def round_config(self, number: int) -> RoundConfig:
         layers = self.client_lora_layers()
-        base = ClientBase(self.package.digest, self.base_version,
-                          lora_layers=tuple(layers) if layers is not None else None)
+        base = ClientBase(
+            self.package.digest, self.base_version, lora_layers=tuple(layers) if layers is not None else None
+        )
         return dataclasses.replace(super().round_config(number), base=base)
 
     def deliveries(self, node_id: int, round_config: RoundConfig) -> tuple[RoundConfig, dict[str, ArrayRecord]]:
@@ -111,7 +125,8 @@ class ClassifyStrategy(FederatedStrategy):
         self.round.bytes_down_model += sum(record.count_bytes() for record in records.values())
         if BASE_MODEL_KEY in records:
             round_config = dataclasses.replace(
-                round_config, base=dataclasses.replace(round_config.base, config_json=self.package.config_json))
+                round_config, base=dataclasses.replace(round_config.base, config_json=self.package.config_json)
+            )
         return round_config, records
 
     def base_updates(self) -> dict[str, ArrayRecord]:
@@ -124,8 +139,12 @@ class ClassifyStrategy(FederatedStrategy):
 
     # ---- evaluation and results --------------------------------------------------------------------------
     def _accuracy(self, model: PeftModel) -> float:
-        return accuracy(model, self.test_examples, batch_size=self.config.evaluation.eval_batch_size,
-                        pad_token_id=self.tokenizer.pad_token_id)
+        return accuracy(
+            model,
+            self.test_examples,
+            batch_size=self.config.evaluation.eval_batch_size,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
 
     def evaluate_models(self, server_round: int, state: State) -> dict[str, float]:
         """accuracy_full: the adapter and head plugged into the full FM; accuracy_sub: on the clients' base."""

@@ -22,12 +22,17 @@ from fedpt_app.models.loading import resolve_model_ref
 class FedOT(ClassifyStrategy):
     def client_base(self, full: PreTrainedModel) -> PreTrainedModel:
         classify = self.config.classify
-        self.layout = EmulatorLayout.choose(len(transformer_blocks(full)), classify.fedot_adapter_layers,
-                                            classify.fedot_emulator_layers)
+        self.layout = EmulatorLayout.choose(
+            len(transformer_blocks(full)), classify.fedot_adapter_layers, classify.fedot_emulator_layers
+        )
         self.blocks_path = blocks_path(full)
-        recipe = {"kind": "emulator", "model": resolve_model_ref(classify.foundation_model),
-                  "layout": [self.layout.adapter_layers, self.layout.emulator_layers],
-                  "num_labels": len(self.label_names), **self.distillation_recipe()}
+        recipe = {
+            "kind": "emulator",
+            "model": resolve_model_ref(classify.foundation_model),
+            "layout": [self.layout.adapter_layers, self.layout.emulator_layers],
+            "num_labels": len(self.label_names),
+            **self.distillation_recipe(),
+        }
         return cached_base(recipe, lambda: self.build_emulator(full))
 
     def build_emulator(self, full: PreTrainedModel) -> PreTrainedModel:
@@ -39,11 +44,23 @@ class FedOT(ClassifyStrategy):
         classify = self.config.classify
         if classify.align_steps:
             with only_trainable(emulator, parameters):
-                result = distill(full, emulator, parameters, self.public_batches(0),
-                                 steps=classify.align_steps, lr=classify.align_lr,
-                                 pairs=[self.layout.distill_pair])
-            log(INFO, "[fedpt-app] emulator distillation before FL: loss %.4f -> %.4f in %d steps (%.1f s)",
-                result.first_loss, result.last_loss, result.steps, result.seconds)
+                result = distill(
+                    full,
+                    emulator,
+                    parameters,
+                    self.public_batches(0),
+                    steps=classify.align_steps,
+                    lr=classify.align_lr,
+                    pairs=[self.layout.distill_pair],
+                )
+            log(
+                INFO,
+                "[fedpt-app] emulator distillation before FL: loss %.4f -> %.4f in %d steps (%.1f s)",
+                result.first_loss,
+                result.last_loss,
+                result.steps,
+                result.seconds,
+            )
         return emulator
 
     def full_lora_layers(self) -> list[int]:

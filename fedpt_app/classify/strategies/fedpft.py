@@ -47,9 +47,15 @@ class FedPFT(ClassifyStrategy):
     def client_base(self, full: PreTrainedModel) -> PreTrainedModel:
         classify = self.config.classify
         self.layers = classify.compressed_layer_indices(len(find_ffns(full)))
-        recipe = {"kind": "sub-fm", "model": resolve_model_ref(classify.foundation_model),
-                  "ratio": classify.compress_ratio, "layers": self.layers, "num_labels": len(self.label_names),
-                  "align_before": classify.align_before, **self.distillation_recipe()}
+        recipe = {
+            "kind": "sub-fm",
+            "model": resolve_model_ref(classify.foundation_model),
+            "ratio": classify.compress_ratio,
+            "layers": self.layers,
+            "num_labels": len(self.label_names),
+            "align_before": classify.align_before,
+            **self.distillation_recipe(),
+        }
         return cached_base(recipe, lambda: self.build_sub_fm(full))
 
     def build_sub_fm(self, full: PreTrainedModel) -> PreTrainedModel:
@@ -61,12 +67,26 @@ class FedPFT(ClassifyStrategy):
             teacher_ffns, student_ffns = find_ffns(full), find_ffns(sub)
             parameters = [p for layer in self.layers for p in ffn_parameters(student_ffns[layer], with_norms=True)]
             with only_trainable(sub, parameters):
-                result = distill(full, sub, parameters, self.public_batches(0), steps=classify.align_steps,
-                                 lr=classify.align_lr, pairs=[(layer + 1, layer + 1) for layer in self.layers],
-                                 regularizer=lambda: classify.align_mu * product_regularizer(
-                                     teacher_ffns, student_ffns, self.layers))
-            log(INFO, "[fedpt-app] layer-level distillation before FL: loss %.4f -> %.4f in %d steps (%.1f s)",
-                result.first_loss, result.last_loss, result.steps, result.seconds)
+                result = distill(
+                    full,
+                    sub,
+                    parameters,
+                    self.public_batches(0),
+                    steps=classify.align_steps,
+                    lr=classify.align_lr,
+                    pairs=[(layer + 1, layer + 1) for layer in self.layers],
+                    regularizer=lambda: (
+                        classify.align_mu * product_regularizer(teacher_ffns, student_ffns, self.layers)
+                    ),
+                )
+            log(
+                INFO,
+                "[fedpt-app] layer-level distillation before FL: loss %.4f -> %.4f in %d steps (%.1f s)",
+                result.first_loss,
+                result.last_loss,
+                result.steps,
+                result.seconds,
+            )
         return sub
 
     # ---- neuron-level alignment during FL ----------------------------------------------------------------
@@ -90,8 +110,13 @@ class FedPFT(ClassifyStrategy):
         super().accept_replies(usable)
         if self.counting_apoz:  # APoZ: counts and tokens summed over clients before dividing
             records = [msg.content[APOZ_KEY] for msg in usable]
-            self.apoz = ({layer: sum(torch.from_numpy(r[f"layer-{layer}"].numpy()).double() for r in records)
-                          for layer in self.layers}, int(sum(float(r["tokens"].numpy()[0]) for r in records)))
+            self.apoz = (
+                {
+                    layer: sum(torch.from_numpy(r[f"layer-{layer}"].numpy()).double() for r in records)
+                    for layer in self.layers
+                },
+                int(sum(float(r["tokens"].numpy()[0]) for r in records)),
+            )
 
     def server_step(self, server_round: int, state: State) -> State:
         """On alignment rounds: update the highest-APoZ neurons so the sub-FM (with the new global adapter)
@@ -106,13 +131,23 @@ class FedPFT(ClassifyStrategy):
         ffns = find_ffns(self.model)
         masks = {p: m for layer in self.layers for p, m in neuron_masks(ffns[layer], update[layer]).items()}
         with only_trainable(self.model, list(masks)):
-            result = distill(self.full_model, self.model, list(masks), self.public_batches(server_round),
-                             steps=classify.align_round_steps, lr=classify.align_lr,
-                             pairs=[(layer + 1, layer + 1) for layer in self.layers], gradient_masks=masks)
+            result = distill(
+                self.full_model,
+                self.model,
+                list(masks),
+                self.public_batches(server_round),
+                steps=classify.align_round_steps,
+                lr=classify.align_lr,
+                pairs=[(layer + 1, layer + 1) for layer in self.layers],
+                gradient_masks=masks,
+            )
         self.base_version += 1
-        self.round.note(align_loss=result.last_loss, align_loss_first=result.first_loss, align_seconds=result.seconds,
-                        apoz_mean=float(sum(c.sum() for c in counts.values())
-                                        / (tokens * sum(c.numel() for c in counts.values()))))
+        self.round.note(
+            align_loss=result.last_loss,
+            align_loss_first=result.first_loss,
+            align_seconds=result.seconds,
+            apoz_mean=float(sum(c.sum() for c in counts.values()) / (tokens * sum(c.numel() for c in counts.values()))),
+        )
         return state
 
     def ffn_state(self) -> State:
@@ -120,8 +155,11 @@ class FedPFT(ClassifyStrategy):
         base = self.model.get_base_model()
         names = {id(parameter): name for name, parameter in base.named_parameters()}
         ffns = find_ffns(base)
-        return OrderedDict((names[id(p)], p.detach().cpu().float().clone()) for layer in self.layers
-                           for p in ffn_parameters(ffns[layer], with_norms=False))
+        return OrderedDict(
+            (names[id(p)], p.detach().cpu().float().clone())
+            for layer in self.layers
+            for p in ffn_parameters(ffns[layer], with_norms=False)
+        )
 
     def base_updates(self) -> dict[str, ArrayRecord]:
         if self.base_version == 0:

@@ -30,23 +30,31 @@ class InstructStrategy(FederatedStrategy):
         quantization = instruct.large_model_quantization if large else "none"
         self.tokenizer = load_tokenizer(self.model_ref)
         self.model = lora_model(self.model_ref, LoraSpec.from_settings(config.lora), quantization, config.seed)
-        self.test_rows = load_test_rows(config.data.dataset, config.data.test_dataset, config.data.test_fraction,
-                                        config.seed)[:config.evaluation.eval_samples]
+        self.test_rows = load_test_rows(
+            config.data.dataset, config.data.test_dataset, config.data.test_fraction, config.seed
+        )[: config.evaluation.eval_samples]
 
     def round_config(self, number: int) -> RoundConfig:
         return dataclasses.replace(super().round_config(number), trained_model=self.trained_role)
 
     def summary_fields(self) -> dict[str, str]:
-        return {"adapter_base_model": self.model_ref, "small_model": self.config.instruct.small_model,
-                "large_model": self.config.instruct.large_model}
+        return {
+            "adapter_base_model": self.model_ref,
+            "small_model": self.config.instruct.small_model,
+            "large_model": self.config.instruct.large_model,
+        }
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     def evaluate_step(self, name: str, new_step: Callable[[], StepFn]) -> dict[str, float]:
         """Greedy answers on the test rows from one decoding setup, reported as `rouge_l_<name>` and
         `exact_match_<name>`; the answers go to predictions_<name>.jsonl."""
-        scores = evaluate_generation(new_step, self.tokenizer, self.test_rows,
-                                     max_new_tokens=self.config.instruct.max_new_tokens,
-                                     batch_size=self.config.evaluation.eval_batch_size)
+        scores = evaluate_generation(
+            new_step,
+            self.tokenizer,
+            self.test_rows,
+            max_new_tokens=self.config.instruct.max_new_tokens,
+            batch_size=self.config.evaluation.eval_batch_size,
+        )
         self.write_predictions(name, scores.predictions)
         return {f"rouge_l_{name}": scores.rouge_l, f"exact_match_{name}": scores.exact_match}
 
@@ -54,9 +62,18 @@ class InstructStrategy(FederatedStrategy):
         """The latest evaluation's answers, to read what the model says (overwritten at each evaluation)."""
         with (self.metrics.output_dir / f"predictions_{model_name}.jsonl").open("w") as handle:
             for row, prediction in zip(self.test_rows, predictions, strict=True):
-                handle.write(json.dumps({"category": row["category"], "instruction": row["instruction"],
-                                         "context": row.get("context", ""), "reference": row["response"],
-                                         "prediction": prediction}) + "\n")
+                handle.write(
+                    json.dumps(
+                        {
+                            "category": row["category"],
+                            "instruction": row["instruction"],
+                            "context": row.get("context", ""),
+                            "reference": row["response"],
+                            "prediction": prediction,
+                        }
+                    )
+                    + "\n"
+                )
 
     def evaluate_trained_model(self, state: State) -> dict[str, float]:
         """The tuned model itself, with the global adapter."""
@@ -70,8 +87,7 @@ class InstructStrategy(FederatedStrategy):
         vocab_size = shared_vocab_size(instruct.small_model, instruct.large_model)  # before any training
         return LocalLogitsProvider(instruct.large_model, vocab_size, instruct.large_model_quantization)
 
-    def evaluate_small_and_proxy(self, server_round: int, state: State,
-                                 large: LocalLogitsProvider) -> dict[str, float]:
+    def evaluate_small_and_proxy(self, server_round: int, state: State, large: LocalLogitsProvider) -> dict[str, float]:
         """The small model with the global adapter, and the proxy-tuned large (round 0: the untuned large)."""
         scores = self.evaluate_trained_model(state)
         if server_round == 0:  # the adapter's B is zero: the proxy is exactly the untuned large model

@@ -18,13 +18,26 @@ class FedPT(InstructStrategy):
         instruct, data = config.instruct, config.data
         server_rows = load_splits(data.dataset, data.test_fraction, config.seed)["server"]
         if instruct.kd_samples:
-            server_rows = server_rows[:instruct.kd_samples]
-        distill_config = DistillConfig(alpha=instruct.proxy_alpha, temperature=instruct.kd_temperature,
-                                       steps=instruct.kd_steps, lr=instruct.kd_lr, batch_size=instruct.kd_batch_size,
-                                       seed=config.seed)
+            server_rows = server_rows[: instruct.kd_samples]
+        distill_config = DistillConfig(
+            alpha=instruct.proxy_alpha,
+            temperature=instruct.kd_temperature,
+            steps=instruct.kd_steps,
+            lr=instruct.kd_lr,
+            batch_size=instruct.kd_batch_size,
+            seed=config.seed,
+        )
         examples = tokenize_rows(self.tokenizer, server_rows, config.training.max_length)
-        self.distiller = ProxyDistiller(self.model, self.large, examples, distill_config, self.tokenizer.pad_token_id,
-                                        instruct.teacher_cache, instruct.teacher_cache_mb, self.metrics.output_dir)
+        self.distiller = ProxyDistiller(
+            self.model,
+            self.large,
+            examples,
+            distill_config,
+            self.tokenizer.pad_token_id,
+            instruct.teacher_cache,
+            instruct.teacher_cache_mb,
+            self.metrics.output_dir,
+        )
 
     def evaluate_models(self, server_round: int, state: State) -> dict[str, float]:
         return self.evaluate_small_and_proxy(server_round, state, self.large)

@@ -9,6 +9,11 @@ from fedpt_app.device.mods import clip_when_asked_mod, secure_aggregation_mod
 app = ClientApp(mods=[secure_aggregation_mod, clip_when_asked_mod])
 
 
+@app.query("identity")
+def identify(msg: Message, context: Context) -> Message:
+    return dispatch.identify(msg, context)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return dispatch.train(msg, context)

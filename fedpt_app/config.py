@@ -157,12 +157,12 @@ class LoraSettings(Section):
 @dataclass(frozen=True)
 class EvaluationConfig(Section):
     eval_interval: int = 1
-    eval_samples: int = 90
+    eval_samples: int = 0  # 0: the whole test split (a seeded sample of this many rows otherwise)
     eval_batch_size: int = 32
 
     def validate(self) -> None:
         check(self.eval_interval >= 0, "eval-interval must be 0 (never) or a positive number of rounds")
-        check(self.eval_samples >= 1, "eval-samples must be at least 1")
+        check(self.eval_samples >= 0, "eval-samples must be 0 (the whole test split) or more")
         check(self.eval_batch_size >= 1, "eval-batch-size must be at least 1")
 
 
@@ -181,7 +181,7 @@ class InstructConfig(Section):
     kd_samples: int = 0  # 0: the whole server split
     teacher_cache: str = "memory"
     teacher_cache_mb: float = 2048.0
-    max_new_tokens: int = 24
+    max_new_tokens: int = 0  # 0: enough for 95% of the server split's references
 
     def validate(self) -> None:
         _choice("large-model-quantization", self.large_model_quantization, QUANTIZATIONS)
@@ -192,7 +192,7 @@ class InstructConfig(Section):
         check(self.kd_batch_size >= 1, "kd-batch-size must be at least 1")
         check(self.kd_samples >= 0, "kd-samples must be 0 (the whole server split) or more")
         check(self.teacher_cache_mb >= 0.0, "teacher-cache-mb must be 0 or more")
-        check(self.max_new_tokens >= 1, "max-new-tokens must be at least 1")
+        check(self.max_new_tokens >= 0, "max-new-tokens must be 0 (automatic) or more")
 
 
 @dataclass(frozen=True)
@@ -215,6 +215,7 @@ class ClassifyConfig(Section):
     public_samples: int = 0  # unlabeled server texts used for distillation; 0 = the whole public split
     fedot_adapter_layers: int = 0  # per side; 0 = 2 for models of 12+ layers, else 1
     fedot_emulator_layers: int = 0  # 0 = 3 for models of 12+ layers, else half the middle layers
+    fedot_lora_r: int = 0  # 0 = lora-r × layers / adapter layers: about FedPFT's trainable parameters
 
     def validate(self) -> None:
         check(0.0 <= self.compress_ratio < 1.0, f"compress-ratio must be in [0, 1), got {self.compress_ratio}")
@@ -230,8 +231,8 @@ class ClassifyConfig(Section):
         check(0.0 < self.align_proportion <= 1.0, "align-proportion must be in (0, 1]")
         check(self.public_samples >= 0, "public-samples must be 0 (the whole public split) or more")
         check(
-            self.fedot_adapter_layers >= 0 and self.fedot_emulator_layers >= 0,
-            "fedot-adapter-layers and fedot-emulator-layers must be 0 (automatic) or more",
+            self.fedot_adapter_layers >= 0 and self.fedot_emulator_layers >= 0 and self.fedot_lora_r >= 0,
+            "fedot-adapter-layers, fedot-emulator-layers and fedot-lora-r must be 0 (automatic) or more",
         )
 
     def compressed_layer_indices(self, num_layers: int) -> list[int]:

@@ -1,15 +1,26 @@
 """Local data files (.jsonl, .json, .csv) read record by record, with errors that name the file and the line.
 
 Both method families read their datasets and a device's own data file through `read_records`, then check each
-record against their own schema.
+record against their own schema; `seeded_sample` draws their evaluation rows.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def seeded_sample(rows: Sequence[T], size: int, seed: int) -> tuple[T, ...]:
+    """`size` of the rows drawn with the seed, in their order; all of them when `size` is 0 or covers them."""
+    if not size or size >= len(rows):
+        return tuple(rows)
+    return tuple(rows[index] for index in sorted(random.Random(seed).sample(range(len(rows)), size)))
 
 
 class DatasetError(ValueError):

@@ -26,7 +26,12 @@ def instruction(tiny_model_dir, tmp_path):
     arrays = FedAvgSmall(config).initial_arrays()
     return _received(
         0,
-        RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"lr": 0.001, "model": "small", "server-round": 1})}),
+        RecordDict(
+            {
+                ARRAYS_KEY: arrays,
+                CONFIG_KEY: ConfigRecord({"lr": 0.001, "model": "small", "server-round": 1, "prompt-budget": 72}),
+            }
+        ),
     )
 
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from fedpt_app.instruct.builtin import builtin_instruction_split
-from fedpt_app.instruct.distill import DistillConfig, ProxyDistiller, kd_loss, response_positions
+from fedpt_app.instruct.distill import DistillConfig, ProxyDistiller, kd_loss, response_count, response_positions
 from fedpt_app.instruct.prompts import collate, tokenize_rows
 from fedpt_app.instruct.proxy import LocalLogitsProvider, shared_vocab_size
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
 
 
 def test_kd_loss_is_the_temperature_scaled_kl_from_teacher_to_student():
-    teacher = torch.tensor([[0.0, math.log(3.0)]])  # softmax: [0.25, 0.75]
-    student = torch.tensor([[0.0, 0.0]])  # softmax: [0.5, 0.5]
+    teacher = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)  # softmax: [0.25, 0.75]
+    student = torch.tensor([[0.0, 0.0]], dtype=torch.float64)  # softmax: [0.5, 0.5]
     expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
     assert kd_loss(student, teacher, 1.0).item() == pytest.approx(expected, rel=1e-6)
     # T = 2: teacher softmax [1/(1+sqrt 3), sqrt 3/(1+sqrt 3)], student uniform, times T^2 = 4
@@ -22,6 +22,18 @@ def test_kd_loss_is_the_temperature_scaled_kl_from_teacher_to_student():
     expected_t2 = 4.0 * (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5))
     assert kd_loss(student, teacher, 2.0).item() == pytest.approx(expected_t2, rel=1e-6)
     assert kd_loss(teacher, teacher, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kd_loss_is_finite_when_the_teacher_rules_a_token_out():
+    """A teacher logit of -inf (probability 0) contributes nothing, as in the KL's definition (0·log 0 = 0)."""
+    teacher = torch.tensor([[0.0, math.log(3.0), -math.inf]])
+    student = torch.tensor([[0.0, 0.0, 0.0]])  # softmax: [1/3, 1/3, 1/3]
+    expected = 0.25 * math.log(0.25 / (1 / 3)) + 0.75 * math.log(0.75 / (1 / 3))
+    loss = kd_loss(student, teacher, 1.0)
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(expected, rel=1e-5)
+    student.requires_grad_(True)
+    kd_loss(student, teacher, 1.0).backward()
+    assert torch.isfinite(student.grad).all()
 
 
 def test_kd_loss_averages_over_positions():
@@ -43,7 +55,7 @@ def test_response_positions_are_those_predicting_response_tokens():
 def pair(tiny_model_dir, tiny_large_dir, tiny_tokenizer):
     small = lora_model(str(tiny_model_dir), LoraSpec(4, 8.0, target_modules=("q_proj", "v_proj")), seed=0)
     large = LocalLogitsProvider(str(tiny_large_dir), shared_vocab_size(str(tiny_model_dir), str(tiny_large_dir)))
-    examples = tokenize_rows(tiny_tokenizer, builtin_instruction_split("server")[:24], 64)
+    examples, _ = tokenize_rows(tiny_tokenizer, builtin_instruction_split("server")[:24], 64, 48)
     return small, large, examples
 
 
@@ -94,3 +106,71 @@ def test_distillation_trains_only_the_adapter_towards_the_teacher(pair, tmp_path
     distiller.config = DistillConfig(alpha=1.0, temperature=1.0, steps=1, lr=5e-3, batch_size=8, seed=0)
     one_step = distiller.run_round(1, start)
     assert first.loss < one_step.loss
+
+
+@pytest.mark.parametrize("mode", ["memory", "off"])
+def test_the_teacher_gives_the_same_logits_at_every_step_while_the_student_moves(pair, tmp_path, mode):
+    """Each step sees every example (4 examples, batch 4): the teacher's rows per example never change, although the
+    student's adapter (the same LoRA modules the teacher borrows for its forward) changes every step."""
+    small, large, examples = pair
+    config = DistillConfig(alpha=1.0, temperature=1.0, steps=4, lr=5e-2, batch_size=4, seed=0)
+    distiller = ProxyDistiller(small, large, examples[:4], config, 0, mode, 64.0, tmp_path)
+    seen: list[dict[int, torch.Tensor]] = []
+    teacher = distiller.teacher
+
+    def recording(indices, batch):
+        rows = teacher(indices, batch)
+        counts = [response_count(examples[i]) for i in indices]
+        seen.append({i: part.clone() for i, part in zip(indices, rows.split(counts), strict=True)})
+        return rows
+
+    distiller.teacher = recording
+    start = _teacher_adapter(small)
+    result = distiller.run_round(1, start)
+    assert len(seen) == 4 and any(not torch.equal(result.state[key], start[key]) for key in start)
+    for step in seen[1:]:
+        assert all(torch.equal(step[i], seen[0][i]) for i in range(4))
+
+
+def test_fedpt_broadcasts_the_distilled_adapter_not_the_plain_average(tiny_model_dir, tiny_large_dir, tmp_path):
+    """The same two replies, aggregated by FedPT with kd-steps=0 and with kd-steps=4 (same seed): without
+    distillation the result is the hand-computed FedAvg; with it, the next round broadcasts the distilled adapter,
+    which differs from that average."""
+    from fedpt_app.config import RunConfig
+    from fedpt_app.instruct.strategies.fedpt import FedPT
+    from fedpt_app.models.lora import from_array_record
+    from tests.test_reliability import _reply, _shifted
+
+    def aggregate(kd_steps: int):
+        config = RunConfig.from_mapping(
+            {
+                "algorithm": "fedpt",
+                "small-model": str(tiny_model_dir),
+                "large-model": str(tiny_large_dir),
+                "lora-target-modules": "q_proj,v_proj",
+                "kd-steps": kd_steps,
+                "kd-samples": 16,
+                "kd-batch-size": 4,
+                "eval-samples": 4,
+                "output-dir": str(tmp_path / f"kd{kd_steps}"),
+            }
+        )
+        strategy = FedPT(config)
+        strategy.open_round(1, strategy.initial_arrays())
+        broadcast = strategy.round.broadcast
+        states = [_shifted(broadcast, 0.05, 1), _shifted(broadcast, 0.05, 2)]
+        strategy.round.sent = 2
+        arrays, _ = strategy.aggregate_train(
+            1, [_reply(11, states[0], examples=30), _reply(12, states[1], examples=10)]
+        )
+        _, wire = strategy.open_round(2, arrays)
+        hand = {key: (30 * states[0][key] + 10 * states[1][key]) / 40 for key in states[0]}
+        return from_array_record(wire), hand, strategy
+
+    plain, hand, _ = aggregate(0)
+    for key, value in hand.items():
+        torch.testing.assert_close(plain[key], value, rtol=0, atol=1e-6)
+    distilled, _, strategy = aggregate(4)
+    expected = strategy.distiller.run_round(1, plain).state  # the same distillation from the same average, again
+    assert all(torch.equal(distilled[key], expected[key]) for key in expected)
+    assert any((distilled[key] - plain[key]).abs().max() > 1e-4 for key in plain)

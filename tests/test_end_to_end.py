@@ -95,7 +95,9 @@ def test_fedpt_is_the_default_and_distils_every_round(fedpt_run):
         assert row["kd_loss"] > 0.0 and row["teacher_cache"] == "memory"
         assert 0.0 <= row["rouge_l_small"] <= 100.0 and 0.0 <= row["rouge_l_proxy"] <= 100.0
     assert (output / "predictions_proxy.jsonl").exists()
-    assert json.loads((output / "summary.json").read_text())["best_rouge_l_proxy"] is not None
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["final"]["rouge_l_proxy"] is not None
+    assert not [key for key in summary if key.startswith("best_")]  # no round picked on the test set
 
 
 def test_fedpt_broadcasts_the_distilled_adapter(fedpt_run):
@@ -127,7 +129,8 @@ def test_fedavg_large_tunes_the_large_model_and_sends_its_bigger_adapter(tmp_pat
 
 def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter(tmp_path):
     """Kill the ServerApp process mid-run, rerun with the same output-dir: the final adapter is bit for bit the
-    uninterrupted run's (full participation: which clients a round samples cannot differ between the runs)."""
+    uninterrupted run's, with half of the 4 clients sampled per round (the client schedule depends on the seed and
+    the round only, not on the node ids Flower assigns at each start)."""
     import os
     import signal
     import threading
@@ -136,15 +139,15 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter(tmp_path):
     from fedpt_app.federation.checkpoint import load_checkpoint
     from fedpt_app.tools.simulation import local_superlink_pids, stop_local_superlink
 
-    overrides = "num-server-rounds=4 fraction-train=1.0 eval-interval=0 kd-steps=4 kd-samples=32"
-    full, full_output, _ = _simulate(tmp_path / "full", overrides)
+    overrides = "num-server-rounds=4 fraction-train=0.5 eval-interval=0 kd-steps=4 kd-samples=32"
+    full, full_output, _ = _simulate(tmp_path / "full", overrides, num_supernodes=4)
     assert full.succeeded, full.log[-3000:]
 
     home, output = tmp_path / "crash" / "flwr", tmp_path / "crash" / "out"
     run_config = f"{overrides} output-dir='{output}'"
     outcomes = []
     runner = threading.Thread(
-        target=lambda: outcomes.append(run_simulation(run_config, num_supernodes=2, flwr_home=home, echo=None))
+        target=lambda: outcomes.append(run_simulation(run_config, num_supernodes=4, flwr_home=home, echo=None))
     )
     runner.start()
     deadline = time.monotonic() + 600
@@ -161,28 +164,57 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter(tmp_path):
     interrupted_at = load_checkpoint(output).completed_round
     assert 1 <= interrupted_at < 4 and not (output / "summary.json").exists()
 
-    resumed = run_simulation(run_config, num_supernodes=2, flwr_home=home, echo=None)
+    resumed = run_simulation(run_config, num_supernodes=4, flwr_home=home, echo=None)
     assert resumed.succeeded, resumed.log[-3000:]
     assert f"resuming from the checkpoint of round {interrupted_at}" in resumed.log
     assert [row["round"] for row in _rows(output)] == [0, 1, 2, 3, 4]
+    schedule = [row["clients_sampled"] for row in _rows(full_output)[1:]]
+    assert [row["clients_sampled"] for row in _rows(output)[1:]] == schedule
+    assert all(len(clients) == 2 for clients in schedule) and len({tuple(c) for c in schedule}) > 1
     uninterrupted = load_file(full_output / "adapter" / "adapter_model.safetensors")
     after_resume = load_file(output / "adapter" / "adapter_model.safetensors")
     assert uninterrupted.keys() == after_resume.keys()
     assert all(torch.equal(uninterrupted[key], after_resume[key]) for key in uninterrupted)
 
 
+def _honest_round(config, partitions, num_partitions: int) -> tuple[list[dict], list[float]]:
+    """The first round of the given partitions' clients, recomputed here with the run's seeds: (adapters, weights)."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedpt_app.device.dispatch import train
+    from fedpt_app.models.lora import from_array_record
+    from fedpt_app.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, RoundConfig
+    from tests.test_reliability import _received
+
+    model = lora_model(config.instruct.small_model, LoraSpec.from_settings(config.lora), seed=config.seed)
+    initial = to_array_record(adapter_state(model), "float32")
+    budget = config.training.max_length - config.instruct.max_new_tokens
+    round_config = RoundConfig(1, config.round_lr(1), trained_model="small", prompt_budget=budget).to_record()
+    states, weights = [], []
+    for partition in partitions:
+        node_config = {"partition-id": partition, "num-partitions": num_partitions}
+        context = Context(
+            run_id=1, node_id=partition, node_config=node_config, state=RecordDict(), run_config=config.to_mapping()
+        )
+        instruction = _received(0, RecordDict({ARRAYS_KEY: initial, CONFIG_KEY: ConfigRecord(dict(round_config))}))
+        reply = train(instruction, context)
+        states.append(from_array_record(reply.content[ARRAYS_KEY]))
+        weights.append(float(reply.content[METRICS_KEY]["num-examples"]))
+    return states, weights
+
+
+def _hand_fedavg(states: list[dict], weights: list[float]) -> dict:
+    """sum_k w_k·A_k / sum_k w_k for every tensor, written out here rather than taken from the app."""
+    return {
+        key: sum(w * state[key].double() for state, w in zip(states, weights, strict=True)) / sum(weights)
+        for key in states[0]
+    }
+
+
 def test_a_round_with_crashing_nan_and_misshapen_clients_aggregates_the_honest_ones(tmp_path):
     """5 real ClientApps, 3 of them faulty (tests/fault_app): the round completes, the faults are counted and
     named, and the global adapter is exactly FedAvg of the two honest clients' updates."""
     import shutil
-
-    from flwr.app import ConfigRecord, Context, RecordDict
-
-    from fedpt_app.device.dispatch import train
-    from fedpt_app.federation.aggregation import fedavg
-    from fedpt_app.models.lora import from_array_record
-    from fedpt_app.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
-    from tests.test_reliability import _received
 
     app = tmp_path / "app"
     app.mkdir()
@@ -195,7 +227,10 @@ def test_a_round_with_crashing_nan_and_misshapen_clients_aggregates_the_honest_o
     )
     tiny_preset_dir()
     output = tmp_path / "out"
-    run_config = f"algorithm='fedavg' num-server-rounds=1 fraction-train=1.0 eval-samples=9 output-dir='{output}'"
+    run_config = (
+        f"algorithm='fedavg' num-server-rounds=1 fraction-train=1.0 eval-samples=9 max-new-tokens=16 "
+        f"output-dir='{output}'"
+    )
     outcome = run_simulation(run_config, num_supernodes=5, app_dir=app, flwr_home=tmp_path / "flwr", echo=None)
     assert outcome.succeeded, outcome.log[-3000:]
     row = _rows(output)[1]
@@ -203,36 +238,11 @@ def test_a_round_with_crashing_nan_and_misshapen_clients_aggregates_the_honest_o
     problems = " | ".join(row["problems"])
     assert "injected fault" in problems and "NaN" in problems and "has shape" in problems
 
-    # the honest clients' round, recomputed here with the same seeds, averaged by hand
-    config = validate_overrides(run_config)
-    model = lora_model(config.instruct.small_model, LoraSpec.from_settings(config.lora), seed=config.seed)
-    initial = to_array_record(adapter_state(model), "float32")
-    states, weights = [], []
-    for partition in (0, 1):
-        context = Context(
-            run_id=1,
-            node_id=partition,
-            node_config={"partition-id": partition, "num-partitions": 5},
-            state=RecordDict(),
-            run_config=config.to_mapping(),
-        )
-        instruction = _received(
-            0,
-            RecordDict(
-                {
-                    ARRAYS_KEY: initial,
-                    CONFIG_KEY: ConfigRecord({"lr": config.round_lr(1), "model": "small", "server-round": 1}),
-                }
-            ),
-        )
-        reply = train(instruction, context)
-        states.append(from_array_record(reply.content[ARRAYS_KEY]))
-        weights.append(float(reply.content[METRICS_KEY]["num-examples"]))
-    expected = fedavg(states, weights)
+    expected = _hand_fedavg(*_honest_round(validate_overrides(run_config), (0, 1), 5))
     final = load_file(output / "adapter" / "adapter_model.safetensors")
     assert final.keys() == expected.keys()
     for key, value in expected.items():
-        torch.testing.assert_close(final[key], value, rtol=0, atol=1e-5)
+        torch.testing.assert_close(final[key].double(), value, rtol=0, atol=1e-5)
 
 
 def test_client_side_dp_clips_on_the_devices_and_noises_the_aggregate(tmp_path):
@@ -263,3 +273,53 @@ def test_secure_aggregation_runs_secagg_plus_and_aggregates_like_fedavg(tmp_path
         assert row["clients"] == 3 and row["secure_aggregation"] == "secagg+" and row["bytes_up"] is None
         assert row["kd_loss"] is not None and row["train_loss"] > 0
     assert (output / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_secure_aggregation_gives_the_fedavg_of_the_clients_adapters(tmp_path):
+    """One FedAvg round under SecAgg+: the final adapter is the hand-computed FedAvg of the three clients' adapters,
+    up to SecAgg+'s quantization (2^22 levels over [-8, 8])."""
+    run = "algorithm='fedavg' num-server-rounds=1 fraction-train=1.0 eval-samples=9 max-new-tokens=16 "
+    outcome, output, config = _simulate(tmp_path, run + "secure-aggregation=true", num_supernodes=3)
+    assert outcome.succeeded, outcome.log[-3000:]
+    expected = _hand_fedavg(*_honest_round(config, (0, 1, 2), 3))
+    final = load_file(output / "adapter" / "adapter_model.safetensors")
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key].double(), value, rtol=0, atol=2e-5)
+
+
+def test_compare_gives_every_algorithm_the_same_clients_and_reports_mean_and_std_over_seeds(tmp_path, monkeypatch):
+    from fedpt_app.tools import simulation
+    from fedpt_app.tools.compare import run_comparison
+
+    tiny_preset_dir()
+    run = simulation.run_simulation
+    monkeypatch.setattr(
+        "fedpt_app.tools.compare.run_simulation",
+        lambda overrides, num_supernodes: run(
+            overrides, num_supernodes=num_supernodes, flwr_home=tmp_path / "flwr", echo=None
+        ),
+    )
+    output = tmp_path / "compare"
+    assert run_comparison(
+        ["fedavg", "fedavg-pt"],
+        "num-server-rounds=2 fraction-train=0.5 eval-samples=9 max-new-tokens=8",
+        output,
+        num_supernodes=4,
+        seeds=(0, 1),
+    )
+    schedules = {
+        (name, seed): [row["clients_sampled"] for row in _rows(output / name / f"seed{seed}")[1:]]
+        for name in ("fedavg", "fedavg-pt")
+        for seed in (0, 1)
+    }
+    assert schedules[("fedavg", 0)] == schedules[("fedavg-pt", 0)]  # same seed: the same clients every round
+    assert schedules[("fedavg", 1)] == schedules[("fedavg-pt", 1)]
+    assert schedules[("fedavg", 0)] != schedules[("fedavg", 1)]
+    summary = json.loads((output / "comparison.json").read_text())
+    finals = [_rows(output / "fedavg" / f"seed{seed}")[-1]["rouge_l_small"] for seed in (0, 1)]
+    stats = summary["algorithms"]["fedavg"]["rouge_l_small"]
+    assert stats["n"] == 2 and stats["mean"] == pytest.approx(sum(finals) / 2)
+    assert stats["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
+    assert "exact_match_proxy" in summary["algorithms"]["fedavg-pt"] and summary["seeds"] == [0, 1]
+    assert "± " in (output / "comparison.md").read_text()
+    assert (output / "rouge_l.png").stat().st_size > 10_000 and (output / "exact_match.png").exists()

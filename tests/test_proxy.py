@@ -109,7 +109,7 @@ def test_single_model_decoding_matches_transformers_generate(tuned_small, tiny_m
     tokenizer = load_tokenizer(str(tiny_model_dir))
     tokenizer.padding_side = "left"
     config = DecodingConfig(max_new_tokens=12, stop_strings=())
-    ours = decode(model_step(tuned_small), tokenizer, PROMPTS, config)
+    ours = decode(model_step(tuned_small, len(tokenizer)), tokenizer, PROMPTS, config)
     encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         generated = tuned_small.generate(
@@ -128,11 +128,19 @@ def test_single_model_decoding_matches_transformers_generate(tuned_small, tiny_m
 
 def test_decoding_stops_at_a_stop_string(tuned_small, tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    free = decode(model_step(tuned_small), tokenizer, PROMPTS[:1], DecodingConfig(max_new_tokens=24, stop_strings=()))
+    free = decode(
+        model_step(tuned_small, len(tokenizer)),
+        tokenizer,
+        PROMPTS[:1],
+        DecodingConfig(max_new_tokens=24, stop_strings=()),
+    )
     stop = free[0][3:6]
     assert stop.strip(), free
     cut = decode(
-        model_step(tuned_small), tokenizer, PROMPTS[:1], DecodingConfig(max_new_tokens=24, stop_strings=(stop,))
+        model_step(tuned_small, len(tokenizer)),
+        tokenizer,
+        PROMPTS[:1],
+        DecodingConfig(max_new_tokens=24, stop_strings=(stop,)),
     )
     assert cut[0] == free[0][: free[0].index(stop)].strip()
 

@@ -26,7 +26,14 @@ from fedpt_app.instruct.strategies.fedavg import FedAvgSmall
 from fedpt_app.models.lora import from_array_record, to_array_record
 from fedpt_app.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 
-GOOD_METRICS = {"train-loss": 1.5, "train-seconds": 0.1, "model-loads": 1, "peak-rss-mb": 500.0, "cuda-peak-mb": 0.0}
+GOOD_METRICS = {
+    "train-loss": 1.5,
+    "train-seconds": 0.1,
+    "model-loads": 1,
+    "peak-rss-mb": 500.0,
+    "cuda-peak-mb": 0.0,
+    "rows-truncated": 0,
+}
 
 
 def _received(node_id: int, content: RecordDict | None = None, error: Error | None = None) -> Message:
@@ -189,7 +196,7 @@ def test_a_client_reply_holds_only_adapter_tensors_and_scalar_metrics(tiny_model
         RecordDict(
             {
                 ARRAYS_KEY: strategy.initial_arrays(),
-                CONFIG_KEY: ConfigRecord({"lr": 0.001, "model": "small", "server-round": 1}),
+                CONFIG_KEY: ConfigRecord({"lr": 0.001, "model": "small", "server-round": 1, "prompt-budget": 72}),
             }
         ),
     )

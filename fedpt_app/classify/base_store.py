@@ -7,6 +7,7 @@ the same way when they change.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -77,9 +78,10 @@ def _load_stored(base: ClientBase, lora: LoraSettings, seed: int) -> tuple[str, 
     saved = torch.load(path, weights_only=True)
     model = ModelPackage(saved["config_json"], saved["state"]).build()
     LOAD_COUNTS[base.id] += 1
-    peft_model = lora_classifier(
-        model, LoraSpec.from_settings(lora), seed, layers=list(base.lora_layers) if base.lora_layers else None
-    )
+    spec = LoraSpec.from_settings(lora)
+    if base.lora_r is not None:  # the algorithm rescaled the run's LoRA on this base (FedOT)
+        spec = dataclasses.replace(spec, r=base.lora_r, alpha=base.lora_alpha)
+    peft_model = lora_classifier(model, spec, seed, layers=list(base.lora_layers) if base.lora_layers else None)
     if saved["ffn"]:
         _apply_ffn(peft_model, saved["ffn"])
     return base.id, int(saved["version"]), peft_model

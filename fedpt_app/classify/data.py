@@ -188,6 +188,13 @@ def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], max_le
     ]
 
 
+def count_truncated(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], max_length: int) -> int:
+    """How many rows `encode_rows` cuts at max_length."""
+    texts, pairs = [row["text"] for row in rows], [row["text_pair"] for row in rows]
+    encoded = tokenizer(texts, pairs if any(pairs) else None, truncation=False, verbose=False)
+    return sum(len(ids) > max_length for ids in encoded["input_ids"])
+
+
 def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch with attention mask and labels."""
     width = max(len(example["input_ids"]) for example in examples)

@@ -12,7 +12,7 @@ from peft import PeftModel
 from fedpt_app.classify.base_store import receive_base
 from fedpt_app.classify.compression.apoz import count_zero_activations
 from fedpt_app.classify.compression.ffn import find_ffns
-from fedpt_app.classify.data import batches, encode_rows, read_classification_file, training_rows
+from fedpt_app.classify.data import batches, count_truncated, encode_rows, read_classification_file, training_rows
 from fedpt_app.config import ClassifyConfig, RunConfig
 from fedpt_app.device.node import Node, local_seed
 from fedpt_app.device.partition import PartitionSpec, node_source, source_rows
@@ -32,10 +32,11 @@ def _file_rows(path: str) -> list[dict]:
 @functools.cache
 def _local_examples(
     source: PartitionSpec | str, partition_id: int, model_ref: str, max_length: int
-) -> tuple[dict, ...]:
-    """This node's encoded training rows (its partition, or its own data file), prepared once per process."""
+) -> tuple[tuple[dict, ...], int]:
+    """(this node's encoded training rows, how many were cut at max-length), prepared once per process."""
     rows = source_rows(source, partition_id, _file_rows, training_rows)
-    return tuple(encode_rows(load_tokenizer(model_ref), rows, max_length))
+    tokenizer = load_tokenizer(model_ref)
+    return tuple(encode_rows(tokenizer, rows, max_length)), count_truncated(tokenizer, rows, max_length)
 
 
 def _count_apoz(
@@ -62,7 +63,7 @@ def train(msg: Message, context: Context, config: RunConfig) -> Message:
         raise ProtocolError("A classify round config names no base model (base-id)")
     foundation_model, training = config.classify.foundation_model, config.training
     pad_token_id = load_tokenizer(foundation_model).pad_token_id
-    examples = _local_examples(source, node.index, foundation_model, training.max_length)
+    examples, truncated = _local_examples(source, node.index, foundation_model, training.max_length)
     model = receive_base(msg, round_config.base, config.lora, config.seed)
     load_adapter_state(model, from_array_record(msg.content[ARRAYS_KEY]))
     records = {}
@@ -80,4 +81,4 @@ def train(msg: Message, context: Context, config: RunConfig) -> Message:
         seed=local_seed(config.seed, server_round, node.index),
         description=f"client {node.index} round {server_round}",
     )
-    return train_reply(msg, model, result, config.federation.wire_dtype, records)
+    return train_reply(msg, model, result, config.federation.wire_dtype, truncated, records)

@@ -31,7 +31,7 @@ from fedpt_app.models.loading import (
     file_lock,
     resolve_model_ref,
 )
-from fedpt_app.models.lora import LoraSpec
+from fedpt_app.models.lora import LoraSpec, with_initial_state
 
 
 def load_classifier(model_ref: str, num_labels: int, seed: int = 0) -> PreTrainedModel:
@@ -117,7 +117,7 @@ def lora_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same initial A matrices in every process
         peft_model = get_peft_model(model, config)
-    return peft_model.eval()
+    return with_initial_state(peft_model).eval()
 
 
 def cached_base(recipe: dict, build: Callable[[], PreTrainedModel]) -> PreTrainedModel:

@@ -1,7 +1,7 @@
-"""This device as its node config describes it: which data it trains on and where it keeps its models.
+"""This device as its node config describes it: who it is, which data it trains on and where it keeps its models.
 
-The simulation engine sets `partition-id` and `num-partitions`; a SuperNode takes them, or a `data-file` of its own
-and a `model-cache` folder, from `--node-config`.
+The simulation engine sets `partition-id` and `num-partitions`; a SuperNode takes them, or a `data-file` of its own,
+a `name` and a `model-cache` folder, from `--node-config`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Node:
+    name: str | None = None  # the identity the server's client schedule samples (default: partition-K)
     data_file: str | None = None  # a .jsonl/.json/.csv on this device
     partition_id: int | None = None  # else: this partition of the configured dataset
     num_partitions: int | None = None
@@ -21,9 +22,10 @@ class Node:
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> Node:
+        name = str(node_config["name"]) if "name" in node_config else None
         cache = str(node_config["model-cache"]) if "model-cache" in node_config else None
         if "data-file" in node_config:
-            return cls(data_file=str(node_config["data-file"]), model_cache=cache)
+            return cls(name=name, data_file=str(node_config["data-file"]), model_cache=cache)
         try:
             partition = int(node_config["partition-id"]), int(node_config["num-partitions"])
         except KeyError as error:
@@ -31,7 +33,19 @@ class Node:
                 "This node has no 'partition-id'/'num-partitions' (nor a 'data-file') in its node "
                 "config; start the SuperNode with --node-config 'partition-id=N num-partitions=K'"
             ) from error
-        return cls(partition_id=partition[0], num_partitions=partition[1], model_cache=cache)
+        return cls(name=name, partition_id=partition[0], num_partitions=partition[1], model_cache=cache)
+
+    @property
+    def identity(self) -> str:
+        """A name that stays the same across runs and restarts, unlike the node id Flower assigns."""
+        if self.name:
+            return self.name
+        if self.partition_id is not None:
+            return f"partition-{self.partition_id}"
+        raise ValueError(
+            f"This device trains on its own data file ({self.data_file}) and has no name: give it one in its node "
+            'config, e.g. --node-config \'name="pi-kitchen" data-file="..."\''
+        )
 
     @property
     def index(self) -> int:

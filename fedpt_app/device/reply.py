@@ -29,10 +29,17 @@ def train_reply(
     model: PeftModel,
     result: TrainResult,
     wire_dtype: str,
+    rows_truncated: int,
     extra_records: dict[str, ArrayRecord] | None = None,
 ) -> Message:
     metrics = ReplyMetrics(
-        result.num_examples, result.loss, result.seconds, sum(LOAD_COUNTS.values()), peak_rss_mb(), cuda_peak_mb()
+        result.num_examples,
+        result.loss,
+        result.seconds,
+        sum(LOAD_COUNTS.values()),
+        peak_rss_mb(),
+        cuda_peak_mb(),
+        rows_truncated,
     )
     content = RecordDict(
         {

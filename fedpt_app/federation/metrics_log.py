@@ -17,7 +17,7 @@ class MetricsLog:
 
     A new run starts the file afresh; a resumed run keeps the rows of its completed rounds (dropping any row that
     the interrupted run wrote after its last checkpoint). `score_names` are the algorithm's headline scores
-    (summary.json reports the best of each); `line_fields` are the values the console line shows when present.
+    (a round with any of them was evaluated); `line_fields` are the values the console line shows when present.
     """
 
     def __init__(
@@ -50,14 +50,9 @@ class MetricsLog:
         evaluated = [
             row for row in self.rows if row["round"] > 0 and any(row.get(name) is not None for name in self.score_names)
         ]
-        best = {
-            f"best_{name}": max((row[name] for row in evaluated if row.get(name) is not None), default=None)
-            for name in sorted(self.score_names)
-        }
-        summary = {
+        summary = {  # the final evaluation, never the best round: that would pick a model on the test set
             "rounds": max((row["round"] for row in self.rows), default=0),
             "final": evaluated[-1] if evaluated else None,
-            **best,
             "total_bytes_up": sum(row.get("bytes_up") or 0 for row in self.rows),
             "total_bytes_down": sum(row.get("bytes_down") or 0 for row in self.rows),
             "total_seconds": sum(row.get("round_seconds", 0.0) for row in self.rows),

@@ -20,6 +20,7 @@ class RoundState:
     started: float = field(default_factory=time.perf_counter)
     broadcast: dict[str, torch.Tensor] = field(default_factory=dict)  # the adapter as the clients decode it
     lr: float | None = None  # None: no training this round (round 0)
+    clients_sampled: list[str] = field(default_factory=list)  # the identities of the round's clients
     sent: int = 0  # clients the round's messages went to
     bytes_down: int = 0
     bytes_down_model: int | None = None  # classify family: client bases and FFN updates (inside bytes_down)
@@ -39,6 +40,7 @@ class RoundState:
     client_model_loads: int = 0
     client_peak_rss_mb: float = 0.0
     client_cuda_peak_mb: float = 0.0
+    client_rows_truncated: int = 0  # training rows cut to fit max-length, summed over the clients
     server_step_seconds: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)  # the algorithm's own figures
 
@@ -50,7 +52,7 @@ class RoundState:
         where they apply."""
         if self.lr is None:
             return dict(self.notes)
-        row: dict[str, Any] = {"lr": self.lr, "bytes_down": self.bytes_down}
+        row: dict[str, Any] = {"lr": self.lr, "clients_sampled": self.clients_sampled, "bytes_down": self.bytes_down}
         row.update(_present(bytes_down_model=self.bytes_down_model))
         row.update({"failures": self.failures, "rejected": self.rejected, "problems": self.problems})
         row.update(_present(update_norm_max=self.update_norm_max))
@@ -65,6 +67,7 @@ class RoundState:
                 "client_model_loads": self.client_model_loads,
                 "client_peak_rss_mb": self.client_peak_rss_mb,
                 "client_cuda_peak_mb": self.client_cuda_peak_mb,
+                "client_rows_truncated": self.client_rows_truncated,
                 "server_step_seconds": self.server_step_seconds,
             }
         )

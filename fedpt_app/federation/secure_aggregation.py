@@ -15,7 +15,6 @@ checks of `fedpt_app.federation.screening` cannot run, so the aggregate is check
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import numpy as np
@@ -50,7 +49,7 @@ def run_with_secure_aggregation(
 ) -> ArrayRecord:
     """Run the strategy's remaining rounds under SecAgg+; return the final global adapter."""
     privacy = strategy.config.privacy
-    bridge = LegacyBridge(strategy, initial_arrays)
+    bridge = LegacyBridge(strategy, initial_arrays, grid)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=strategy.rounds_left), strategy=bridge)
     workflow = SecAggPlusWorkflow(
         num_shares=privacy.secagg_num_shares,
@@ -65,8 +64,8 @@ def run_with_secure_aggregation(
 class LegacyBridge(Strategy):
     """An algorithm's strategy as the legacy fit/evaluate Strategy that SecAggPlusWorkflow drives."""
 
-    def __init__(self, strategy: FederatedStrategy, initial_arrays: ArrayRecord) -> None:
-        self.strategy = strategy
+    def __init__(self, strategy: FederatedStrategy, initial_arrays: ArrayRecord, grid: Grid) -> None:
+        self.strategy, self.grid = strategy, grid  # the grid: to ask new nodes who they are (the client schedule)
         self.keys: list[str] = list(initial_arrays)
         self.latest = initial_arrays
 
@@ -90,9 +89,8 @@ class LegacyBridge(Strategy):
         round_config, wire_arrays = self.strategy.open_round(
             server_round + self.strategy.resumed_round, self._to_arrays(parameters)
         )
-        federation = self.strategy.config.federation
-        wanted = max(math.ceil(federation.fraction_train * client_manager.num_available()), federation.min_train_nodes)
-        clients = client_manager.sample(num_clients=wanted, min_num_clients=federation.min_train_nodes)
+        proxies = client_manager.all()  # the workflow's view of the nodes, keyed by node id
+        clients = [proxies[str(node_id)] for node_id in self.strategy.sample(self.grid) if str(node_id) in proxies]
         self.strategy.count_sent(len(clients), wire_arrays)
         fit_ins = FitIns(self._to_parameters(wire_arrays), dict(round_config.to_record()))
         return [(client, fit_ins) for client in clients]

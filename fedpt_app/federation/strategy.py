@@ -27,7 +27,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from peft import PeftModel
 
 from fedpt_app.config import RunConfig
@@ -36,9 +35,10 @@ from fedpt_app.federation.checkpoint import Checkpoint, resumable_checkpoint, sa
 from fedpt_app.federation.metrics_log import MetricsLog
 from fedpt_app.federation.privacy import clipped, noisy_mean
 from fedpt_app.federation.round_state import RoundState
+from fedpt_app.federation.schedule import ClientSchedule
 from fedpt_app.federation.screening import RoundFailedError, UpdateRules, check_reply
 from fedpt_app.models.loading import LOAD_COUNTS
-from fedpt_app.models.lora import adapter_state, from_array_record, load_adapter_state, to_array_record
+from fedpt_app.models.lora import from_array_record, load_adapter_state, to_array_record
 from fedpt_app.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ReplyMetrics, RoundConfig
 
 State = OrderedDict[str, torch.Tensor]
@@ -81,6 +81,9 @@ class FederatedStrategy(FedAvg):
             line_fields=("train_loss", *self.loss_names, *self.score_names),
         )
         self.round = RoundState(self.resumed_round)
+        self.schedule = ClientSchedule(
+            config.seed, federation.fraction_train, federation.min_train_nodes, federation.round_timeout
+        )
 
     # ---- the start and the end of a run ------------------------------------------------------------------
     def load_task(self) -> None:
@@ -99,7 +102,7 @@ class FederatedStrategy(FedAvg):
             self.checkpoint.restore_rng()
             self.restore_server_state(self.checkpoint.server_state)
             return to_array_record(self.checkpoint.adapter, "float32")
-        return to_array_record(adapter_state(self.model), "float32")
+        return to_array_record(self.model.initial_adapter_state, "float32")
 
     @property
     def rounds_left(self) -> int:
@@ -144,10 +147,8 @@ class FederatedStrategy(FedAvg):
         return self.round_config(number), wire_arrays
 
     def sample(self, grid: Grid) -> list[int]:
-        """`fraction-train` of the connected nodes, at least `min-train-nodes` (as Flower's FedAvg samples)."""
-        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        node_ids, connected = sample_nodes(grid, self.min_available_nodes, sample_size)
-        log(INFO, "configure_train: Sampled %s nodes (out of %s)", len(node_ids), len(connected))
+        """The round's clients, by the schedule of the run's seed (see fedpt_app.federation.schedule)."""
+        node_ids, self.round.clients_sampled = self.schedule.sample(grid, self.round.number)
         return node_ids
 
     def count_sent(self, clients: int, wire_arrays: ArrayRecord) -> None:
@@ -270,6 +271,7 @@ class FederatedStrategy(FedAvg):
         record.client_model_loads = max(int(reply.model_loads) for reply in metrics)
         record.client_peak_rss_mb = max(float(reply.peak_rss_mb) for reply in metrics)
         record.client_cuda_peak_mb = max(float(reply.cuda_peak_mb) for reply in metrics)
+        record.client_rows_truncated = sum(int(reply.rows_truncated) for reply in metrics)
         record.server_step_seconds = time.perf_counter() - server_started
         return to_array_record(global_state, "float32"), MetricRecord({"train-loss": train_loss})
 

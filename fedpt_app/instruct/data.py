@@ -11,26 +11,40 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedpt_app.datafiles import DatasetError, read_records
+from fedpt_app.datafiles import DatasetError, read_records, seeded_sample
 from fedpt_app.instruct.builtin import builtin_instruction_split
 
 if TYPE_CHECKING:
     from fedpt_app.device.partition import PartitionSpec
 
-HUB_ALIASES = {
-    "dolly": "databricks/databricks-dolly-15k",
-    "self-instruct": "yizhongw/self_instruct",
-    "super-ni": "Muennighoff/natural-instructions",
+HUB_ALIASES = {"dolly": "databricks/databricks-dolly-15k"}
+
+
+@dataclass(frozen=True)
+class HubSplit:
+    path: str  # what `datasets.load_dataset` takes: a hub id or a local folder in the same layout
+    config: str
+    split: str
+
+
+# The FedPT paper's held-out evaluation sets (`test-dataset`), used whole. Both ship in the Self-Instruct release
+# (https://huggingface.co/datasets/yizhongw/self_instruct, Apache-2.0): "human_eval" holds the 252 user-oriented
+# instructions written by people (first instance of each), "super_natural_instructions" / "test" the held-out
+# test tasks of Super-NaturalInstructions (119 tasks, 11,810 rows).
+EVALUATION_SETS = {
+    "self-instruct": HubSplit("yizhongw/self_instruct", "human_eval", "train"),
+    "super-ni": HubSplit("yizhongw/self_instruct", "super_natural_instructions", "test"),
 }
 # Column names that other instruction datasets use for our fields (first match wins).
 COLUMN_ALIASES = {
     "instruction": ("instruction", "prompt", "definition"),
     "context": ("context", "input", "inputs"),
     "response": ("response", "output", "outputs", "targets", "completion"),
-    "category": ("category", "task_name", "task"),
+    "category": ("category", "task_name", "task", "motivation_app"),
 }
 SPLITS = ("train", "server", "test")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv")
@@ -47,6 +61,12 @@ def normalize_row(raw: dict, where: str) -> dict[str, str]:
     """Map a raw record onto our four fields; `where` (file:line or dataset#index) names it in errors."""
     if not isinstance(raw, dict):
         raise DatasetError(f"{where}: expected an object with instruction/response fields, got {type(raw).__name__}")
+    if isinstance(raw.get("instances"), dict):  # Self-Instruct's human evaluation set: its first instance
+        raw = {
+            **raw,
+            "input": _first_text(raw["instances"].get("input")),
+            "output": _first_text(raw["instances"].get("output")),
+        }
     row = {}
     for field_name, candidates in COLUMN_ALIASES.items():
         present = next((name for name in candidates if name in raw), None)
@@ -113,14 +133,35 @@ def load_splits(ref: str, test_fraction: float = 0.1, seed: int = 0) -> dict[str
     return {split: tuple(part) for split, part in _split_rows(rows, test_fraction, seed).items()}
 
 
-def load_test_rows(dataset: str, test_dataset: str, test_fraction: float, seed: int) -> tuple[dict[str, str], ...]:
-    """The evaluation rows: the dataset's own test split, or all rows of a separate test dataset."""
-    if not test_dataset:
-        return load_splits(dataset, test_fraction, seed)["test"]
-    splits = load_splits(test_dataset, test_fraction, seed)
-    if test_dataset == "builtin":
-        return splits["test"]
-    return tuple(row for split in SPLITS for row in splits[split])
+def load_test_rows(
+    dataset: str, test_dataset: str, test_fraction: float, seed: int, samples: int = 0
+) -> tuple[dict[str, str], ...]:
+    """The evaluation rows: the dataset's own test split, or a separate test set used whole (a paper's evaluation
+    set, or all rows of another dataset); `samples` > 0 takes a seeded random sample of them, in their order."""
+    if not test_dataset or test_dataset == "builtin":
+        rows = load_splits(test_dataset or dataset, test_fraction, seed)["test"]
+    elif test_dataset in EVALUATION_SETS:
+        rows = _evaluation_set(test_dataset)
+    else:
+        splits = load_splits(test_dataset, test_fraction, seed)
+        rows = tuple(row for split in SPLITS for row in splits[split])
+    return seeded_sample(rows, samples, seed)
+
+
+@functools.cache
+def _evaluation_set(name: str) -> tuple[dict[str, str], ...]:
+    import datasets
+
+    source = EVALUATION_SETS[name]
+    try:
+        split = datasets.load_dataset(source.path, source.config, split=source.split)
+    except Exception as error:  # datasets raises many types for a missing or unreachable dataset
+        raise DatasetError(
+            f"Could not load the evaluation set {name!r} ({source.path}, {source.config}, "
+            f"{source.split}) with datasets.load_dataset: {error}"
+        ) from error
+    where = f"{source.path}/{source.config}/{source.split}"
+    return tuple(normalize_row(raw, f"{where}#{index}") for index, raw in enumerate(split))
 
 
 def categories(rows: Iterable[dict[str, str]]) -> list[str]:

@@ -25,6 +25,7 @@ class DecodingConfig:
     stop_strings: tuple[str, ...] = DEFAULT_STOP_STRINGS
     seed: int = 0
     ignore_eos: bool = False  # benchmarks: always produce max_new_tokens
+    end_token_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS: the generation configs' end tokens
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -60,6 +61,7 @@ def decode(
     step: StepFn, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], config: DecodingConfig
 ) -> list[str]:
     """Continuations of `prompts` (without the prompt), each stopped at EOS or at its first stop string."""
+    end_ids = {tokenizer.eos_token_id, *config.end_token_ids}
     tokenizer.padding_side = "left"
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True)
     attention_mask = encoded["attention_mask"]
@@ -71,7 +73,7 @@ def decode(
         next_ids = pick_next(step(step_ids, attention_mask, step_positions), config, generator).cpu()
         for row in torch.nonzero(~finished).flatten().tolist():
             token = int(next_ids[row])
-            if token == tokenizer.eos_token_id and not config.ignore_eos:
+            if token in end_ids and not config.ignore_eos:
                 finished[row] = True
                 continue
             generated[row].append(token)
@@ -119,12 +121,23 @@ def causal_lm_logits(
     return output.logits.float(), output.past_key_values
 
 
-def model_step(model: torch.nn.Module) -> StepFn:
-    """Plain decoding of one model (with its active adapter, if any), KV-cached."""
+def model_step(model: torch.nn.Module, vocab_size: int) -> StepFn:
+    """Plain decoding of one model (with its active adapter, if any), KV-cached, over the tokenizer's `vocab_size`
+    tokens (logit rows beyond it are padding, as in Qwen, and are never picked)."""
     state: dict[str, Any] = {"cache": None}
 
     def step(input_ids, attention_mask, position_ids):
         logits, state["cache"] = causal_lm_logits(model, input_ids, attention_mask, position_ids, state["cache"], True)
-        return logits[:, -1]
+        return logits[:, -1, :vocab_size]
 
     return step
+
+
+def end_token_ids(*models: object) -> tuple[int, ...]:
+    """Every end-of-sequence id the models' generation configs list (Qwen2.5-Instruct: <|im_end|> and
+    <|endoftext|>), to stop decoding at any of them."""
+    ids: set[int] = set()
+    for model in models:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    return tuple(sorted(ids))

@@ -4,8 +4,10 @@ one for FedAvg-large) on this device's instructions, and reply with the adapter.
 from __future__ import annotations
 
 import functools
+from logging import INFO
 
 from flwr.app import Context, Message
+from flwr.common.logger import log
 
 from fedpt_app.config import RunConfig
 from fedpt_app.device.node import Node, local_seed
@@ -13,21 +15,23 @@ from fedpt_app.device.partition import PartitionSpec, node_source, source_rows
 from fedpt_app.device.reply import train_reply
 from fedpt_app.device.training import train_lora
 from fedpt_app.instruct.data import read_rows_file, training_rows
-from fedpt_app.instruct.prompts import TokenizedExample, batches, tokenize_rows
+from fedpt_app.instruct.prompts import TokenizedExample, Truncation, batches, tokenize_rows
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, from_array_record, load_adapter_state, lora_model
-from fedpt_app.protocol import ARRAYS_KEY, CONFIG_KEY, RoundConfig
+from fedpt_app.protocol import ARRAYS_KEY, CONFIG_KEY, ProtocolError, RoundConfig
 
 PARTITION_COLUMN = "category"  # what the non-IID partitioners skew over
 
 
 @functools.cache
 def _local_examples(
-    source: PartitionSpec | str, partition_id: int, model_ref: str, max_length: int
-) -> tuple[TokenizedExample, ...]:
+    source: PartitionSpec | str, partition_id: int, model_ref: str, max_length: int, prompt_budget: int
+) -> tuple[tuple[TokenizedExample, ...], Truncation]:
     """This node's tokenized training rows (its partition, or its own data file), prepared once per process."""
     rows = source_rows(source, partition_id, read_rows_file, training_rows)
-    return tuple(tokenize_rows(load_tokenizer(model_ref), rows, max_length))
+    examples, truncation = tokenize_rows(load_tokenizer(model_ref), rows, max_length, prompt_budget)
+    log(INFO, "%s", truncation.describe(f"node {partition_id}'s training rows"))
+    return tuple(examples), truncation
 
 
 def trained_model(config: RunConfig, role: str | None) -> tuple[str, str]:
@@ -52,7 +56,11 @@ def train(msg: Message, context: Context, config: RunConfig) -> Message:
     source = node_source(node, config.data, PARTITION_COLUMN, config.seed)
     round_config = RoundConfig.from_record(msg.content[CONFIG_KEY])
     model_ref, quantization = trained_model(config, round_config.trained_model)
-    examples = _local_examples(source, node.index, model_ref, config.training.max_length)
+    if round_config.prompt_budget is None:
+        raise ProtocolError("An instruct round config names no prompt budget (prompt-budget)")
+    examples, truncation = _local_examples(
+        source, node.index, model_ref, config.training.max_length, round_config.prompt_budget
+    )
     model = lora_model(model_ref, LoraSpec.from_settings(config.lora), quantization, config.seed)
     load_adapter_state(model, from_array_record(msg.content[ARRAYS_KEY]))
     server_round = round_config.server_round
@@ -67,4 +75,4 @@ def train(msg: Message, context: Context, config: RunConfig) -> Message:
         seed=local_seed(config.seed, server_round, node.index),
         description=f"client {node.index} round {server_round}",
     )
-    return train_reply(msg, model, result, config.federation.wire_dtype)
+    return train_reply(msg, model, result, config.federation.wire_dtype, truncation.rows_cut)

@@ -24,15 +24,19 @@ from peft import PeftModel
 
 from fedpt_app.instruct.decoding import positions_of
 from fedpt_app.instruct.prompts import IGNORE_INDEX, TokenizedExample, collate
-from fedpt_app.instruct.proxy import LogitsProvider, small_offset
+from fedpt_app.instruct.proxy import LogitsProvider, refuse_embedding_lora, small_offset
 from fedpt_app.models.lora import adapter_state, load_adapter_state
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`T^2 * KL(softmax(teacher/T) || softmax(student/T))`, averaged over the rows (response positions)."""
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return temperature**2 * (teacher.exp() * (teacher - student)).sum(-1).mean()
+    """`T^2 * KL(softmax(teacher/T) || softmax(student/T))`, averaged over the rows (response positions).
+
+    torch's `kl_div` takes the teacher as probabilities and computes `p·log p` with `xlogy`, so a token the teacher
+    rules out (logit -inf, probability 0) adds 0 instead of NaN. Computed in float32, or float64 for float64 logits."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    teacher = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    return temperature**2 * F.kl_div(student, teacher, reduction="batchmean")
 
 
 def response_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -200,7 +204,8 @@ class ProxyDistiller:
         cache_dir: Path,
     ) -> None:
         if not examples:
-            raise ValueError("The distillation set is empty: no server row has a response token within max-length")
+            raise ValueError("The distillation set is empty: the server split has no rows")
+        refuse_embedding_lora(small)
         self.small, self.large, self.examples, self.config = small, large, list(examples), config
         self.pad_token_id = pad_token_id
         self.small.eval()

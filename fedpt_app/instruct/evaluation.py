@@ -12,7 +12,6 @@ from rouge_score import rouge_scorer
 from transformers import PreTrainedTokenizerBase
 
 from fedpt_app.instruct.decoding import DecodingConfig, StepFn, decode
-from fedpt_app.instruct.prompts import build_prompt
 
 
 def _rouge_l_scorer() -> rouge_scorer.RougeScorer:
@@ -54,16 +53,15 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> tuple[float,
 def evaluate_generation(
     new_step: Callable[[], StepFn],
     tokenizer: PreTrainedTokenizerBase,
-    rows: Sequence[dict[str, str]],
+    prompts: Sequence[str],
+    references: Sequence[str],
     *,
-    max_new_tokens: int,
+    decoding: DecodingConfig,
     batch_size: int,
 ) -> GenerationScores:
-    """Greedy answers to `rows` in batches, each batch decoded with a fresh step function (fresh KV caches)."""
-    prompts = [build_prompt(row["instruction"], row.get("context", "")) for row in rows]
-    config = DecodingConfig(max_new_tokens=max_new_tokens)
+    """Answers to `prompts` in batches, each batch decoded with a fresh step function (fresh KV caches)."""
     predictions: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        predictions += decode(new_step(), tokenizer, prompts[start : start + batch_size], config)
-    rouge_l, exact_match = score(predictions, [row["response"] for row in rows])
+        predictions += decode(new_step(), tokenizer, prompts[start : start + batch_size], decoding)
+    rouge_l, exact_match = score(predictions, references)
     return GenerationScores(rouge_l, exact_match, predictions)

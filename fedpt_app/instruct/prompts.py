@@ -1,7 +1,9 @@
-"""The one prompt template, tokenization with the loss on response tokens only, and batching."""
+"""The one prompt template, the rule that cuts long prompts, tokenization with the loss on response tokens only,
+and batching."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -19,30 +21,89 @@ def build_prompt(instruction: str, context: str = "") -> str:
     return prompt + "\n\n### Response:\n"
 
 
+def fit_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, context: str, budget: int) -> tuple[str, bool]:
+    """(the prompt within `budget` tokens, whether it was cut). A prompt over budget keeps the longest start of its
+    context that fits; if the instruction alone is still too long, the longest start of the instruction. Training,
+    distillation and evaluation cut prompts by this one rule."""
+
+    def fits(instruction_text: str, context_text: str) -> bool:
+        return len(tokenizer(build_prompt(instruction_text, context_text))["input_ids"]) <= budget
+
+    if fits(instruction, context):
+        return build_prompt(instruction, context), False
+    context = _longest_start(tokenizer, context, lambda text: fits(instruction, text))
+    if not fits(instruction, context):
+        instruction = _longest_start(tokenizer, instruction, lambda text: fits(text, ""))
+    if not fits(instruction, context):
+        raise ValueError(f"The prompt template alone needs more than {budget} tokens: raise max-length")
+    return build_prompt(instruction, context), True
+
+
+def _longest_start(tokenizer: PreTrainedTokenizerBase, text: str, fits) -> str:
+    """The longest token prefix of `text` (decoded) for which `fits` holds; "" if none."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    low, high = 0, len(ids)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(tokenizer.decode(ids[:middle])):
+            low = middle
+        else:
+            high = middle - 1
+    return tokenizer.decode(ids[:low])
+
+
+def covering_length(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, str]], share: float = 0.95) -> int:
+    """The fewest new tokens that hold `share` of the rows' responses in full (their EOS included)."""
+    lengths = sorted(len(tokenizer(row["response"].strip(), add_special_tokens=False)["input_ids"]) + 1 for row in rows)
+    return lengths[max(0, math.ceil(share * len(lengths)) - 1)]
+
+
 @dataclass(frozen=True)
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """How many rows of a split had their prompt or their response cut to fit."""
+
+    rows: int = 0
+    prompts_cut: int = 0
+    responses_cut: int = 0
+    rows_cut: int = 0  # rows with either cut
+
+    def describe(self, split: str) -> str:
+        return (
+            f"[fedpt-app] {split}: {self.rows} rows kept, {self.prompts_cut} with the prompt cut to its budget, "
+            f"{self.responses_cut} with the response cut at max-length"
+        )
+
+
 def tokenize_example(
-    tokenizer: PreTrainedTokenizerBase, row: dict[str, str], max_length: int
-) -> TokenizedExample | None:
-    """Prompt + response + EOS, labels masked on the prompt; None when no response token fits in max_length."""
-    prompt_ids = tokenizer(build_prompt(row["instruction"], row.get("context", "")))["input_ids"]
+    tokenizer: PreTrainedTokenizerBase, row: dict[str, str], max_length: int, prompt_budget: int
+) -> tuple[TokenizedExample, bool, bool]:
+    """(prompt + response + EOS with labels on the response only, prompt cut?, response cut?). The prompt is cut to
+    `prompt_budget` tokens (fit_prompt), the response to the room left in `max_length`; no row is dropped."""
+    prompt, prompt_cut = fit_prompt(tokenizer, row["instruction"], row.get("context", ""), prompt_budget)
+    prompt_ids = tokenizer(prompt)["input_ids"]
     response_ids = tokenizer(row["response"].strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    if all(label == IGNORE_INDEX for label in labels):
-        return None
-    return TokenizedExample(input_ids, labels)
+    room = max_length - len(prompt_ids)
+    example = TokenizedExample(prompt_ids + response_ids[:room], [IGNORE_INDEX] * len(prompt_ids) + response_ids[:room])
+    return example, prompt_cut, len(response_ids) > room
 
 
 def tokenize_rows(
-    tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, str]], max_length: int
-) -> list[TokenizedExample]:
-    examples = [tokenize_example(tokenizer, row, max_length) for row in rows]
-    return [example for example in examples if example is not None]
+    tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, str]], max_length: int, prompt_budget: int
+) -> tuple[list[TokenizedExample], Truncation]:
+    results = [tokenize_example(tokenizer, row, max_length, prompt_budget) for row in rows]
+    truncation = Truncation(
+        len(results),
+        sum(prompt_cut for _, prompt_cut, _ in results),
+        sum(response_cut for _, _, response_cut in results),
+        sum(prompt_cut or response_cut for _, prompt_cut, response_cut in results),
+    )
+    return [example for example, _, _ in results], truncation
 
 
 def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:

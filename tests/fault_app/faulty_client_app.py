@@ -1,5 +1,6 @@
-"""The app's real ClientApp behind a fault-injecting mod, for the fault-tolerance test: by partition id,
-0 and 1 are honest, 2 crashes, 3 sends NaN, 4 sends a tensor of the wrong shape."""
+"""The app's real ClientApp with faults injected into training, for the fault-tolerance test: by partition id,
+0 and 1 are honest, 2 crashes mid-round, 3 sends NaN, 4 sends a tensor of the wrong shape. Every node still says
+who it is when the server asks."""
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
@@ -23,9 +24,14 @@ def inject_faults(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-app = ClientApp(mods=[inject_faults])
+app = ClientApp()
 
 
-@app.train()
+@app.query("identity")
+def identify(msg: Message, context: Context) -> Message:
+    return dispatch.identify(msg, context)
+
+
+@app.train(mods=[inject_faults])
 def train(msg: Message, context: Context) -> Message:
     return dispatch.train(msg, context)

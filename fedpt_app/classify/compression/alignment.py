@@ -73,7 +73,8 @@ def distill(
     """Train `parameters` of the student so its hidden states at `pairs` (teacher index, student index into
     `hidden_states`) match the teacher's; AdamW with a linear decay, no weight decay (a masked entry never moves).
 
-    `regularizer()` adds a differentiable term; `gradient_masks` zero the gradient of frozen entries.
+    `regularizer()` adds a differentiable term; `gradient_masks` zero the gradient of frozen entries. Both models
+    run in eval mode: dropout would add noise to the very hidden states being matched.
     """
     started = time.perf_counter()
     device = parameters[0].device
@@ -81,7 +82,7 @@ def distill(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
     losses = []
     teacher.eval()
-    student.train()
+    student.eval()
     for _, batch in zip(range(steps), batches, strict=False):  # `batches` may be endless
         batch = {key: value.to(device) for key, value in batch.items()}
         with torch.no_grad():
@@ -97,7 +98,6 @@ def distill(
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
-    student.eval()
     if not losses:
         return AlignmentResult(float("nan"), float("nan"), 0, time.perf_counter() - started)
     return AlignmentResult(losses[0], losses[-1], len(losses), time.perf_counter() - started)

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from fedpt_app.classify.data import batches, encode_rows, load_classification_splits
 from fedpt_app.classify.evaluation import accuracy
 from fedpt_app.classify.models import ModelPackage, load_classifier, lora_classifier
+from fedpt_app.datafiles import seeded_sample
 from fedpt_app.federation.strategy import FederatedStrategy, State
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state
@@ -38,13 +39,14 @@ class ClassifyStrategy(FederatedStrategy):
         splits = load_classification_splits(data.dataset, data.test_dataset, data.test_fraction, config.seed)
         self.label_names = splits.label_names
         max_length = config.training.max_length
-        self.test_examples = encode_rows(self.tokenizer, splits.test[: config.evaluation.eval_samples], max_length)
+        test_rows = seeded_sample(splits.test, config.evaluation.eval_samples, config.seed)
+        self.test_examples = encode_rows(self.tokenizer, test_rows, max_length)
         public = splits.public[: classify.public_samples] if classify.public_samples else splits.public
         self.public_examples = encode_rows(self.tokenizer, public, max_length)
         full = load_classifier(classify.foundation_model, splits.num_labels, config.seed)
         base = self.client_base(full)
         self.package = ModelPackage.of(base)  # before LoRA is injected into it
-        spec = LoraSpec.from_settings(config.lora)
+        spec = self.lora_spec()
         self.full_model = lora_classifier(full, spec, config.seed, layers=self.full_lora_layers())
         self.model = (
             self.full_model
@@ -82,6 +84,10 @@ class ClassifyStrategy(FederatedStrategy):
             for _ in itertools.count()
         )
 
+    def lora_spec(self) -> LoraSpec:
+        """The LoRA of this algorithm's adapter: the run's `lora-*` settings unless the algorithm rescales them."""
+        return LoraSpec.from_settings(self.config.lora)
+
     def full_lora_layers(self) -> list[int] | None:
         return None  # LoRA in every block
 
@@ -109,9 +115,14 @@ class ClassifyStrategy(FederatedStrategy):
         return opened
 
     def round_config(self, number: int) -> RoundConfig:
-        layers = self.client_lora_layers()
+        layers, spec = self.client_lora_layers(), self.lora_spec()
+        rescaled = spec != LoraSpec.from_settings(self.config.lora)
         base = ClientBase(
-            self.package.digest, self.base_version, lora_layers=tuple(layers) if layers is not None else None
+            self.package.digest,
+            self.base_version,
+            lora_layers=tuple(layers) if layers is not None else None,
+            lora_r=spec.r if rescaled else None,
+            lora_alpha=spec.alpha if rescaled else None,
         )
         return dataclasses.replace(super().round_config(number), base=base)
 

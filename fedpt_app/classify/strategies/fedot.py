@@ -4,6 +4,7 @@ original middle layers for evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from logging import INFO
 
@@ -17,6 +18,7 @@ from fedpt_app.classify.models import cached_base
 from fedpt_app.classify.strategies.base import ClassifyStrategy
 from fedpt_app.federation.strategy import State
 from fedpt_app.models.loading import resolve_model_ref
+from fedpt_app.models.lora import LoraSpec
 
 
 class FedOT(ClassifyStrategy):
@@ -62,6 +64,16 @@ class FedOT(ClassifyStrategy):
                 result.seconds,
             )
         return emulator
+
+    def lora_spec(self) -> LoraSpec:
+        """LoRA on the adapter layers only would train a fraction (2·adapter / all layers) of FedPFT's parameters;
+        the rank grows by the inverse of that fraction (alpha with it, so alpha/r stays), so the three methods train
+        about as many parameters (`fedot-lora-r` sets the rank by hand)."""
+        spec = super().lora_spec()
+        rank = self.config.classify.fedot_lora_r or round(
+            spec.r * self.layout.num_layers / len(self.layout.full_adapter_layers)
+        )
+        return dataclasses.replace(spec, r=rank, alpha=spec.alpha * rank / spec.r)
 
     def full_lora_layers(self) -> list[int]:
         return self.layout.full_adapter_layers

@@ -6,13 +6,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from logging import INFO
 
+from flwr.common.logger import log
+from transformers import PreTrainedTokenizerBase
+
+from fedpt_app.config import ConfigError, RunConfig
 from fedpt_app.federation.strategy import FederatedStrategy, State
-from fedpt_app.instruct.data import load_test_rows
-from fedpt_app.instruct.decoding import StepFn, model_step
+from fedpt_app.instruct.data import load_splits, load_test_rows
+from fedpt_app.instruct.decoding import DecodingConfig, StepFn, end_token_ids, model_step
 from fedpt_app.instruct.evaluation import evaluate_generation
-from fedpt_app.instruct.proxy import LocalLogitsProvider, large_only_step, proxy_step, shared_vocab_size
+from fedpt_app.instruct.prompts import Truncation, covering_length, fit_prompt
+from fedpt_app.instruct.proxy import (
+    LocalLogitsProvider,
+    large_only_step,
+    proxy_step,
+    refuse_embedding_lora,
+    shared_vocab_size,
+)
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, load_adapter_state, lora_model
 from fedpt_app.protocol import RoundConfig
@@ -24,18 +36,30 @@ class InstructStrategy(FederatedStrategy):
     loss_names = ("kd_loss",)
 
     def load_task(self) -> None:
-        config, instruct = self.config, self.config.instruct
+        config, instruct, data = self.config, self.config.instruct, self.config.data
         large = self.trained_role == "large"
         self.model_ref = instruct.large_model if large else instruct.small_model
         quantization = instruct.large_model_quantization if large else "none"
         self.tokenizer = load_tokenizer(self.model_ref)
         self.model = lora_model(self.model_ref, LoraSpec.from_settings(config.lora), quantization, config.seed)
+        self.server_rows = load_splits(data.dataset, data.test_fraction, config.seed)["server"]
+        self.max_new_tokens, self.prompt_budget = generation_budget(self.tokenizer, self.server_rows, config)
         self.test_rows = load_test_rows(
-            config.data.dataset, config.data.test_dataset, config.data.test_fraction, config.seed
-        )[: config.evaluation.eval_samples]
+            data.dataset, data.test_dataset, data.test_fraction, config.seed, config.evaluation.eval_samples
+        )
+        fitted = [
+            fit_prompt(self.tokenizer, row["instruction"], row.get("context", ""), self.prompt_budget)
+            for row in self.test_rows
+        ]
+        self.test_prompts = [prompt for prompt, _ in fitted]
+        cut = sum(was_cut for _, was_cut in fitted)
+        log(INFO, "%s", Truncation(len(fitted), cut, 0, cut).describe("test split (evaluation prompts)"))
+        self.end_ids = end_token_ids(self.model)
 
     def round_config(self, number: int) -> RoundConfig:
-        return dataclasses.replace(super().round_config(number), trained_model=self.trained_role)
+        return dataclasses.replace(
+            super().round_config(number), trained_model=self.trained_role, prompt_budget=self.prompt_budget
+        )
 
     def summary_fields(self) -> dict[str, str]:
         return {
@@ -48,11 +72,14 @@ class InstructStrategy(FederatedStrategy):
     def evaluate_step(self, name: str, new_step: Callable[[], StepFn]) -> dict[str, float]:
         """Greedy answers on the test rows from one decoding setup, reported as `rouge_l_<name>` and
         `exact_match_<name>`; the answers go to predictions_<name>.jsonl."""
+        decoding = DecodingConfig(max_new_tokens=self.max_new_tokens, end_token_ids=self.end_ids)
+        references = [row["response"] for row in self.test_rows]
         scores = evaluate_generation(
             new_step,
             self.tokenizer,
-            self.test_rows,
-            max_new_tokens=self.config.instruct.max_new_tokens,
+            self.test_prompts,
+            references,
+            decoding=decoding,
             batch_size=self.config.evaluation.eval_batch_size,
         )
         self.write_predictions(name, scores.predictions)
@@ -78,14 +105,17 @@ class InstructStrategy(FederatedStrategy):
     def evaluate_trained_model(self, state: State) -> dict[str, float]:
         """The tuned model itself, with the global adapter."""
         load_adapter_state(self.model, state)
-        return self.evaluate_step(self.trained_role, lambda: model_step(self.model))
+        return self.evaluate_step(self.trained_role, lambda: model_step(self.model, len(self.tokenizer)))
 
     # ---- the proxy-tuned large model (FedAvg+PT, FedPT) -----------------------------------------------------
     def load_large(self) -> LocalLogitsProvider:
         """The large model as a logits provider, over the vocabulary it shares with the small (checked first)."""
         instruct = self.config.instruct
         vocab_size = shared_vocab_size(instruct.small_model, instruct.large_model)  # before any training
-        return LocalLogitsProvider(instruct.large_model, vocab_size, instruct.large_model_quantization)
+        refuse_embedding_lora(self.model)
+        large = LocalLogitsProvider(instruct.large_model, vocab_size, instruct.large_model_quantization)
+        self.end_ids = tuple(sorted({*self.end_ids, *end_token_ids(large.model)}))
+        return large
 
     def evaluate_small_and_proxy(self, server_round: int, state: State, large: LocalLogitsProvider) -> dict[str, float]:
         """The small model with the global adapter, and the proxy-tuned large (round 0: the untuned large)."""
@@ -95,3 +125,21 @@ class InstructStrategy(FederatedStrategy):
         load_adapter_state(self.model, state)
         alpha = self.config.instruct.proxy_alpha
         return scores | self.evaluate_step("proxy", lambda: proxy_step(large, self.model, alpha))
+
+
+def generation_budget(
+    tokenizer: PreTrainedTokenizerBase, server_rows: Sequence[dict], config: RunConfig
+) -> tuple[int, int]:
+    """(max new tokens, prompt budget): `max-new-tokens`, or with 0 the length that holds 95% of the server split's
+    references in full; prompts get the rest of `max-length`."""
+    max_new_tokens = config.instruct.max_new_tokens
+    if not max_new_tokens:
+        max_new_tokens = covering_length(tokenizer, server_rows)
+        log(INFO, "[fedpt-app] max-new-tokens: %d tokens hold 95%% of the server split's references", max_new_tokens)
+    budget = config.training.max_length - max_new_tokens
+    if budget < 16:
+        raise ConfigError(
+            f"max-length={config.training.max_length} leaves {budget} tokens for the prompt after "
+            f"{max_new_tokens} new tokens: raise max-length (or lower max-new-tokens)"
+        )
+    return max_new_tokens, budget

@@ -3,9 +3,12 @@ and the distilled adapter is what the next round broadcasts."""
 
 from __future__ import annotations
 
+from logging import INFO
+
+from flwr.common.logger import log
+
 from fedpt_app.config import RunConfig
 from fedpt_app.federation.strategy import State
-from fedpt_app.instruct.data import load_splits
 from fedpt_app.instruct.distill import DistillConfig, ProxyDistiller
 from fedpt_app.instruct.prompts import tokenize_rows
 from fedpt_app.instruct.strategies.base import InstructStrategy
@@ -15,10 +18,8 @@ class FedPT(InstructStrategy):
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
         self.large = self.load_large()
-        instruct, data = config.instruct, config.data
-        server_rows = load_splits(data.dataset, data.test_fraction, config.seed)["server"]
-        if instruct.kd_samples:
-            server_rows = server_rows[: instruct.kd_samples]
+        instruct = config.instruct
+        server_rows = self.server_rows[: instruct.kd_samples] if instruct.kd_samples else self.server_rows
         distill_config = DistillConfig(
             alpha=instruct.proxy_alpha,
             temperature=instruct.kd_temperature,
@@ -27,7 +28,10 @@ class FedPT(InstructStrategy):
             batch_size=instruct.kd_batch_size,
             seed=config.seed,
         )
-        examples = tokenize_rows(self.tokenizer, server_rows, config.training.max_length)
+        examples, truncation = tokenize_rows(
+            self.tokenizer, server_rows, config.training.max_length, self.prompt_budget
+        )
+        log(INFO, "%s", truncation.describe("server split (distillation)"))
         self.distiller = ProxyDistiller(
             self.model,
             self.large,

@@ -32,7 +32,7 @@ from fedpt_app.tools.simulation import validate_overrides
 
 def large_plus_small_step(large, small):
     """The reference cost: the large model and ONE small forward per token, both KV-cached."""
-    large_step, small_step = large_only_step(large), model_step(small)
+    large_step, small_step = large_only_step(large), model_step(small, large.vocab_size)
 
     def step(input_ids, attention_mask, position_ids):
         return (

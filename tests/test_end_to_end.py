@@ -31,7 +31,7 @@ def _rows(output):
 
 @pytest.fixture(scope="module")
 def fedavg_run(tmp_path_factory):
-    return _simulate(tmp_path_factory.mktemp("fedavg"), f"algorithm='fedavg' {QUICK}")
+    return _simulate(tmp_path_factory.mktemp("fedavg"), f"algorithm='fedavg' report-to='tensorboard' {QUICK}")
 
 
 def test_fedavg_run_completes_and_writes_metrics(fedavg_run):
@@ -70,6 +70,80 @@ def test_final_adapter_loads_with_peft(fedavg_run):
     base = AutoModelForCausalLM.from_pretrained(resolve_model_ref(config.instruct.small_model))
     model = PeftModel.from_pretrained(base, output / "adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_a_run_writes_its_plots_and_its_tensorboard_events(fedavg_run):
+    _, output, _ = fedavg_run
+    assert all((output / "plots" / name).stat().st_size > 10_000 for name in ("scores.png", "traffic.png", "time.png"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("rouge_l_small")] == [0, 1, 2]
+    assert [event.value for event in events.Scalars("rouge_l_small")] == pytest.approx(
+        [row["rouge_l_small"] for row in _rows(output)]
+    )
+
+
+def test_export_writes_an_adapter_and_a_merged_model_others_load(fedavg_run, tmp_path):
+    """Loaded in a fresh process: the adapter through the base it names, the merged model with transformers alone;
+    both give the same logits, and the card states the run's facts."""
+    import subprocess
+    import sys
+
+    _, output, _ = fedavg_run
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedpt_app.tools.cli",
+            "export",
+            "--run",
+            str(output),
+            "--out",
+            str(tmp_path / "export"),
+            "--merge",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    check = f"""
+import json, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = json.load(open("{tmp_path}/export/adapter/adapter_config.json"))["base_model_name_or_path"]
+assert base.startswith("/") and "fedpt-app" in base  # an absolute folder: the embedded preset's
+tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "{tmp_path}/export/adapter").eval()
+merged = AutoModelForCausalLM.from_pretrained("{tmp_path}/export/merged").eval()
+ids = torch.tensor([[1, 5, 9, 14, 3]])
+with torch.no_grad():
+    print(float((tuned(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max()))
+"""
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert float(loaded.stdout.strip().splitlines()[-1]) < 1e-4
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "| algorithm | `fedavg` |" in card and "rouge_l_small" in card and "| rounds | 2 of 2" in card
+
+
+def test_a_run_stops_before_the_round_that_would_pass_its_privacy_target(tmp_path):
+    """fraction-train=0.5 plans ε = 7.41 over 4 rounds (q = 0.5), under the target of 8; but min-train-nodes=2 of 2
+    nodes makes q = 1: ε = 4.73 after round 1, 7.08 after round 2, and round 3 would reach 9.01."""
+    outcome, output, _ = _simulate(
+        tmp_path,
+        "algorithm='fedavg' num-server-rounds=4 fraction-train=0.5 min-train-nodes=2 eval-samples=9 "
+        "max-new-tokens=8 dp-mode='server' dp-noise-multiplier=1.0 dp-target-epsilon=8.0",
+    )
+    assert outcome.succeeded, outcome.log[-3000:]
+    assert "Round 3 would bring ε to 9.01 > dp-target-epsilon=8" in outcome.log
+    rows = _rows(output)
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert [row["dp_sample_rate"] for row in rows[1:]] == [1.0, 1.0]
+    assert [round(row["epsilon"], 3) for row in rows[1:]] == [4.729, 7.077]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["rounds"] == 2 and round(summary["epsilon"], 3) == 7.077 and summary["dp_delta"] == 1e-5
+    assert (output / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_bad_dataset_stops_the_run_before_training(tmp_path):
@@ -295,7 +369,7 @@ def test_compare_gives_every_algorithm_the_same_clients_and_reports_mean_and_std
     run = simulation.run_simulation
     monkeypatch.setattr(
         "fedpt_app.tools.compare.run_simulation",
-        lambda overrides, num_supernodes: run(
+        lambda overrides, num_supernodes, verbose: run(
             overrides, num_supernodes=num_supernodes, flwr_home=tmp_path / "flwr", echo=None
         ),
     )

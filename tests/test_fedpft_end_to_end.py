@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from flwr.app import Array, ArrayRecord
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
@@ -58,9 +59,17 @@ def test_fedpft_sends_the_sub_fm_once_aligns_with_client_apoz_and_reports_both_a
         assert row["bytes_down"] == row["bytes_down_model"] + 3 * (row["bytes_up"] // 3)
     for row in rows:
         assert 0.0 <= row["accuracy_full"] <= 100.0 and 0.0 <= row["accuracy_sub"] <= 100.0
-    # the saved adapter is the plug-in: it loads onto the full FM
+    # the saved adapter is the plug-in: it loads onto the full FM, and exports as a merged classifier
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
-    PeftModel.from_pretrained(base, output / "adapter")
+    plugged = PeftModel.from_pretrained(base, output / "adapter").eval()
+    from fedpt_app.tools.export import export_run
+
+    written = export_run(output, tmp_path / "export", merge=True)
+    merged = AutoModelForSequenceClassification.from_pretrained(written["merged"]).eval()
+    assert merged.config.id2label == {0: "rotten", 1: "fresh"}
+    ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, plugged(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
 def test_fedot_trains_the_emulator_adapter_and_plugs_it_into_the_full_fm(tmp_path, tiny_bert_dir):

@@ -1,4 +1,5 @@
-"""Run outputs: one JSON line per round in metrics.jsonl, a console line per round, and summary.json."""
+"""Run outputs: one JSON line per round in metrics.jsonl, a console line per round, summary.json, the run's plots
+(plots/), and the same rows in the experiment trackers of `report-to`."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ from typing import Any
 
 from flwr.common.logger import log
 
+from fedpt_app.federation.tracking import trackers
+from fedpt_app.plots import write_run_plots
+
 
 class MetricsLog:
     """Appends one JSON object per round to `<output-dir>/metrics.jsonl`.
 
     A new run starts the file afresh; a resumed run keeps the rows of its completed rounds (dropping any row that
     the interrupted run wrote after its last checkpoint). `score_names` are the algorithm's headline scores
-    (a round with any of them was evaluated); `line_fields` are the values the console line shows when present.
+    (a round with any of them was evaluated); `line_fields` are the values the console line shows when present;
+    `report_to` names the trackers that receive every row too (fedpt_app.federation.tracking).
     """
 
     def __init__(
@@ -27,6 +32,7 @@ class MetricsLog:
         keep_rounds_upto: int = 0,
         score_names: Sequence[str] = (),
         line_fields: Sequence[str] = (),
+        report_to: Sequence[str] = (),
     ) -> None:
         self.output_dir = output_dir
         self.run_config = run_config
@@ -39,11 +45,19 @@ class MetricsLog:
             self.rows = [row for row in rows if row["round"] <= keep_rounds_upto]
         self.path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
         (output_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        self.trackers = trackers(report_to, output_dir, run_config)
+        for row in self.rows:  # a resumed run's trackers start from its completed rounds
+            self._track(row)
+
+    def _track(self, row: dict[str, Any]) -> None:
+        for tracker in self.trackers:
+            tracker.log(row, step=row["round"])
 
     def append(self, row: dict[str, Any], num_rounds: int) -> None:
         self.rows.append(row)
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+        self._track(row)
         log(INFO, "%s", format_round_line(row, num_rounds, self.line_fields))
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +73,9 @@ class MetricsLog:
             **extra,
         }
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for tracker in self.trackers:
+            tracker.finish(summary)
+        write_run_plots(self.rows, self.output_dir / "plots")
         return summary
 
 

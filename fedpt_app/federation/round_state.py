@@ -31,6 +31,9 @@ class RoundState:
     update_norm_max: float | None = None  # None under secure aggregation (the server sees no single update)
     bytes_up: int | None = 0  # None: not counted (secure aggregation)
     dp_noise_stdv: float | None = None
+    dp_sample_rate: float | None = None  # with DP: sampled / connected clients, the accountant's q
+    epsilon: float | None = None  # with DP: the ε spent after this round, at δ = dp_delta
+    dp_delta: float | None = None
     secure_aggregation: str | None = None
     # the usable replies
     clients: int = 0
@@ -57,7 +60,15 @@ class RoundState:
         row.update({"failures": self.failures, "rejected": self.rejected, "problems": self.problems})
         row.update(_present(update_norm_max=self.update_norm_max))
         row["bytes_up"] = self.bytes_up
-        row.update(_present(dp_noise_stdv=self.dp_noise_stdv, secure_aggregation=self.secure_aggregation))
+        row.update(
+            _present(
+                dp_noise_stdv=self.dp_noise_stdv,
+                dp_sample_rate=self.dp_sample_rate,
+                epsilon=self.epsilon,
+                dp_delta=self.dp_delta,
+                secure_aggregation=self.secure_aggregation,
+            )
+        )
         row.update(
             {
                 "clients": self.clients,

@@ -35,16 +35,16 @@ class ClientSchedule:
         self.seed, self.fraction, self.min_nodes, self.timeout = seed, fraction, min_nodes, timeout
         self.identities: dict[int, str] = {}  # node id -> identity, learned once per node
 
-    def sample(self, grid: Grid, server_round: int) -> tuple[list[int], list[str]]:
-        """(node ids, identities) of the round's clients: `fraction` of the connected nodes, at least
-        `min_nodes`, waiting for that many to connect (as Flower's FedAvg samples)."""
+    def sample(self, grid: Grid, server_round: int) -> tuple[list[int], list[str], int]:
+        """(node ids, identities) of the round's clients, and how many nodes were connected: `fraction` of the
+        connected nodes, at least `min_nodes`, waiting for that many to connect (as Flower's FedAvg samples)."""
         connected = self._connected(grid)
         self._learn(grid, connected)
         by_identity = {self.identities[node]: node for node in connected if node in self.identities}
         size = max(int(len(connected) * self.fraction), self.min_nodes)
         chosen = round_sample(list(by_identity), size, self.seed, server_round)
         log(INFO, "configure_train: sampled %d of %d nodes: %s", len(chosen), len(connected), ", ".join(chosen))
-        return [by_identity[identity] for identity in chosen], chosen
+        return [by_identity[identity] for identity in chosen], chosen, len(connected)
 
     def _connected(self, grid: Grid) -> list[int]:
         while len(nodes := sorted(grid.get_node_ids())) < self.min_nodes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from logging import INFO
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ConfigRecord, Context
@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 
 from fedpt_app import algorithms
 from fedpt_app.config import RunConfig
+from fedpt_app.federation.privacy import PrivacyBudgetSpent
 from fedpt_app.federation.secure_aggregation import run_with_secure_aggregation
 
 
@@ -33,12 +34,16 @@ def run_server(grid: Grid, context: Context) -> dict:
         return strategy.finish(initial_arrays)
     if config.privacy.secure_aggregation:
         return strategy.finish(run_with_secure_aggregation(grid, context, strategy, initial_arrays))
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial_arrays,
-        num_rounds=strategy.rounds_left,
-        timeout=config.federation.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_fn=strategy.evaluate_round,
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=strategy.rounds_left,
+            timeout=config.federation.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_fn=strategy.evaluate_round,
+        )
+    except PrivacyBudgetSpent as spent:
+        log(WARNING, "[fedpt-app] %s", spent)
+        return strategy.finish(strategy.latest_arrays, completed_round=strategy.round.number - 1)
     return strategy.finish(result.arrays)

@@ -33,7 +33,7 @@ from fedpt_app.config import RunConfig
 from fedpt_app.federation.aggregation import fedavg
 from fedpt_app.federation.checkpoint import Checkpoint, resumable_checkpoint, save_checkpoint
 from fedpt_app.federation.metrics_log import MetricsLog
-from fedpt_app.federation.privacy import clipped, noisy_mean
+from fedpt_app.federation.privacy import PrivacyBudget, clipped, noisy_mean
 from fedpt_app.federation.round_state import RoundState
 from fedpt_app.federation.schedule import ClientSchedule
 from fedpt_app.federation.screening import RoundFailedError, UpdateRules, check_reply
@@ -78,12 +78,25 @@ class FederatedStrategy(FedAvg):
             run_config,
             keep_rounds_upto=self.resumed_round,
             score_names=self.score_names,
-            line_fields=("train_loss", *self.loss_names, *self.score_names),
+            line_fields=("train_loss", *self.loss_names, *self.score_names, "epsilon"),
+            report_to=config.evaluation.reporters(),
         )
         self.round = RoundState(self.resumed_round)
         self.schedule = ClientSchedule(
             config.seed, federation.fraction_train, federation.min_train_nodes, federation.round_timeout
         )
+        self.latest_arrays: ArrayRecord | None = None  # the global adapter after the last completed round
+        self.privacy_budget = self._privacy_budget()
+
+    def _privacy_budget(self) -> PrivacyBudget | None:
+        """With differential privacy, the ε ledger (the resumed rounds replayed); refuses a plan over the target."""
+        privacy = self.config.privacy
+        if privacy.dp_mode == "off" or privacy.dp_noise_multiplier == 0.0:
+            return None
+        spent = [row["dp_sample_rate"] for row in self.metrics.rows if row.get("dp_sample_rate") is not None]
+        budget = PrivacyBudget(privacy, spent)
+        budget.check_plan(self.rounds_left, self.config.federation.fraction_train)
+        return budget
 
     # ---- the start and the end of a run ------------------------------------------------------------------
     def load_task(self) -> None:
@@ -108,26 +121,36 @@ class FederatedStrategy(FedAvg):
     def rounds_left(self) -> int:
         return self.config.federation.num_server_rounds - self.resumed_round
 
-    def finish(self, final_arrays: ArrayRecord) -> dict:
-        """Save the final adapter (loadable with `PeftModel.from_pretrained`) and summary.json."""
+    def finish(self, final_arrays: ArrayRecord, completed_round: int | None = None) -> dict:
+        """Save the final adapter (loadable with `PeftModel.from_pretrained`) and summary.json; `completed_round`
+        when the run ended before its last round (its privacy budget spent)."""
         final_state = from_array_record(final_arrays)
         saved_model = self.model_to_save(final_state)
+        rounds = self.config.federation.num_server_rounds if completed_round is None else completed_round
         save_checkpoint(
             self.metrics.output_dir,
-            Checkpoint.capture(
-                self.config.federation.num_server_rounds, final_state, self.metrics.run_config, finished=True
-            ),
+            Checkpoint.capture(rounds, final_state, self.metrics.run_config, finished=True),
         )
         adapter_dir = self.metrics.output_dir / "adapter"
         saved_model.save_pretrained(adapter_dir)
         summary = self.metrics.write_summary(
-            {"algorithm": self.config.algorithm, "adapter_dir": str(adapter_dir), **self.summary_fields()}
+            {
+                "algorithm": self.config.algorithm,
+                "adapter_dir": str(adapter_dir),
+                **self.summary_fields(),
+                **self._privacy_spent(),
+            }
         )
         log(INFO, "[fedpt-app] metrics: %s", self.metrics.path)
         log(INFO, "[fedpt-app] adapter: %s", adapter_dir)
         if summary["final"] is None:
             log(WARNING, "[fedpt-app] no evaluation ran (eval-interval=0)")
         return summary
+
+    def _privacy_spent(self) -> dict[str, float]:
+        if self.privacy_budget is None:
+            return {}
+        return {"epsilon": self.privacy_budget.epsilon(), "dp_delta": self.config.privacy.dp_delta}
 
     # ---- what a round sends --------------------------------------------------------------------------------
     # Flower numbers the rounds of `start()` from 1; a resumed run's round r is Flower's r + resumed_round.
@@ -148,7 +171,10 @@ class FederatedStrategy(FedAvg):
 
     def sample(self, grid: Grid) -> list[int]:
         """The round's clients, by the schedule of the run's seed (see fedpt_app.federation.schedule)."""
-        node_ids, self.round.clients_sampled = self.schedule.sample(grid, self.round.number)
+        node_ids, self.round.clients_sampled, connected = self.schedule.sample(grid, self.round.number)
+        if self.privacy_budget is not None:
+            self.round.dp_sample_rate = len(node_ids) / connected
+            self.privacy_budget.check_round(self.round.number, self.round.dp_sample_rate)
         return node_ids
 
     def count_sent(self, clients: int, wire_arrays: ArrayRecord) -> None:
@@ -257,6 +283,11 @@ class FederatedStrategy(FedAvg):
         if privacy.dp_mode == "server":
             states = [clipped(state, self.round.broadcast, privacy.dp_clipping_norm) for state in states]
         state, self.round.dp_noise_stdv = noisy_mean(states, privacy.dp_clipping_norm, privacy.dp_noise_multiplier)
+        if self.privacy_budget is not None:
+            self.round.epsilon, self.round.dp_delta = (
+                self.privacy_budget.spend(self.round.dp_sample_rate),
+                privacy.dp_delta,
+            )
         return state
 
     def complete_round(self, global_state: State, metrics: list[ReplyMetrics]) -> tuple[ArrayRecord, MetricRecord]:
@@ -293,6 +324,7 @@ class FederatedStrategy(FedAvg):
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's `evaluate_fn`: runs after every round (and at round 0); writes the round's metrics row and
         the checkpoint."""
+        self.latest_arrays = arrays
         if server_round == 0 and self.resumed_round:
             return None  # evaluated and recorded before the interruption
         number = server_round + self.resumed_round

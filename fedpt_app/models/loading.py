@@ -97,29 +97,34 @@ def _dequantized_gguf_dir(gguf_path: Path) -> Path:
     return destination
 
 
-def resolve_model_ref(ref: str) -> str:
-    """Map a model reference to what `from_pretrained` takes: a local folder or a hub id."""
+def check_model_ref(ref: str) -> None:
+    """Raise ModelLoadError, naming the reference, if it cannot resolve; builds, joins and downloads nothing (the
+    built-in models are always available: they are built on first use)."""
     if ref in BUILTIN_MODELS:
-        return str(tiny_preset_dir() / BUILTIN_MODELS[ref])
-    if ref in PACKAGED_FOLDERS:
-        try:
-            return str(packaged_folder(ref))
-        except PackagedModelMissing as error:
-            raise ModelLoadError(str(error)) from None
-    if ref in PACKAGED_GGUF:
-        try:
-            with file_lock(cache_root() / "packaged-gguf.lock"):
-                gguf_path = joined_gguf(ref, cache_root() / "packaged-gguf")
-        except PackagedModelMissing as error:
-            raise ModelLoadError(str(error)) from None
-        return str(_dequantized_gguf_dir(gguf_path))
+        return
+    try:
+        if ref in PACKAGED_FOLDERS:
+            packaged_folder(ref)
+            return
+        if ref in PACKAGED_GGUF:
+            if not (cache_root() / "packaged-gguf" / f"{ref}.gguf").is_file():
+                PACKAGED_GGUF[ref].part_files()
+            return
+    except (PackagedModelMissing, FileNotFoundError) as error:
+        raise ModelLoadError(
+            f"{error}"
+            if isinstance(error, PackagedModelMissing)
+            else f"Model {ref!r} is not installed (package {error} missing): run `fedpt-app fetch-models {ref}`"
+        ) from None
     path = Path(os.path.expanduser(ref))
     if ref.endswith(".gguf"):
         if not path.is_file():
             raise ModelLoadError(f"GGUF model file {ref!r} does not exist")
-        return str(_dequantized_gguf_dir(path))
+        return
     if path.is_dir():
-        return str(path)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"Model folder {ref!r} has no config.json: it is not a transformers model folder")
+        return
     if ref.startswith(("/", ".", "~")) or path.exists():
         raise ModelLoadError(f"Model path {ref!r} does not exist or is not a model folder")
     if not _HUB_ID.match(ref):
@@ -128,7 +133,32 @@ def resolve_model_ref(ref: str) -> str:
             f"{sorted(BUILTIN_MODELS) + sorted(PACKAGED_GGUF) + sorted(PACKAGED_FOLDERS)}, "
             "a local folder, a .gguf file, nor a hub id like 'org/name'"
         )
-    return ref
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            raise ModelLoadError(f"Hub model {ref!r} is not in the local cache and HF_HUB_OFFLINE=1 forbids downloads")
+
+
+def resolve_model_ref(ref: str) -> str:
+    """Map a model reference to what `from_pretrained` takes: a local folder or a hub id (checked first with
+    `check_model_ref`; the built-in preset and packaged GGUF models are built or joined here, once)."""
+    check_model_ref(ref)
+    if ref in BUILTIN_MODELS:
+        return str(tiny_preset_dir() / BUILTIN_MODELS[ref])
+    if ref in PACKAGED_FOLDERS:
+        return str(packaged_folder(ref))
+    if ref in PACKAGED_GGUF:
+        try:
+            with file_lock(cache_root() / "packaged-gguf.lock"):
+                gguf_path = joined_gguf(ref, cache_root() / "packaged-gguf")
+        except PackagedModelMissing as error:
+            raise ModelLoadError(str(error)) from None
+        return str(_dequantized_gguf_dir(gguf_path))
+    if ref.endswith(".gguf"):
+        return str(_dequantized_gguf_dir(Path(os.path.expanduser(ref))))
+    path = Path(os.path.expanduser(ref))
+    return str(path) if path.is_dir() else ref
 
 
 def _quantization_config(quantization: str) -> BitsAndBytesConfig | None:

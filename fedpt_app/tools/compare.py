@@ -15,7 +15,8 @@ from pathlib import Path
 
 from fedpt_app.algorithms import ALGORITHMS, CLASSIFY, INSTRUCT, names
 from fedpt_app.config import ConfigError
-from fedpt_app.tools.plots import plot_score_curves
+from fedpt_app.plots import plot_final_bars, plot_score_curves
+from fedpt_app.tools.preflight import preflight
 from fedpt_app.tools.simulation import run_simulation, validate_overrides
 
 SCORE_PREFIXES = ("rouge_l_", "exact_match_", "accuracy_")
@@ -107,7 +108,12 @@ def markdown_table(summary: dict, family: str) -> str:
 
 
 def run_comparison(
-    algorithms: Sequence[str], run_config: str, output: Path, num_supernodes: int = 4, seeds: Sequence[int] = (0,)
+    algorithms: Sequence[str],
+    run_config: str,
+    output: Path,
+    num_supernodes: int = 4,
+    seeds: Sequence[int] = (0,),
+    verbose: bool = False,
 ) -> bool:
     unknown = [name for name in algorithms if name not in ALGORITHMS]
     if unknown or not algorithms:
@@ -127,12 +133,12 @@ def run_comparison(
         for seed in seeds
         for name in algorithms
     }
-    for overrides in configs.values():  # validate every configuration before the first run starts
-        validate_overrides(overrides)
+    for overrides in configs.values():  # check every configuration before the first run starts
+        preflight(validate_overrides(overrides))
     all_ok = True
     for (name, seed), overrides in configs.items():
         print(f"[fedpt-app compare] running {name}, seed {seed} -> {output / name / f'seed{seed}'}", flush=True)
-        outcome = run_simulation(overrides, num_supernodes=num_supernodes)
+        outcome = run_simulation(overrides, num_supernodes=num_supernodes, verbose=verbose)
         if not outcome.succeeded:
             print(f"[fedpt-app compare] {name}, seed {seed} ended as {outcome.status}: {outcome.details}", flush=True)
             all_ok = False
@@ -160,6 +166,9 @@ def write_report(runs: dict[str, dict[int, list[dict]]], output: Path, family: s
     (output / "comparison.md").write_text(table)
     (output / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots = [plot_score_curves(runs, metric, MODELS[family], output / f"{metric}.png") for metric in METRICS[family]]
+    plots += [
+        plot_final_bars(summary, metric, MODELS[family], output / f"{metric}_final.png") for metric in METRICS[family]
+    ]
     print(table)
     print(
         f"[fedpt-app compare] wrote {output / 'comparison.md'}, comparison.json and {', '.join(p.name for p in plots)}"

@@ -240,10 +240,10 @@ class LocalDeployment:
         raise TimeoutError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
 
     # ---- runs -------------------------------------------------------------------------------------------
-    def run(self, run_config: str = "", echo: TextIO | None = sys.stdout) -> SimulationOutcome:
+    def run(self, run_config: str = "", echo: TextIO | None = sys.stdout, verbose: bool = False) -> SimulationOutcome:
         """`flwr run APP fedpt-local --stream`, validated first; the outcome as the SuperLink reports it."""
         validate_overrides(run_config, self.app_dir)
         command = ["flwr", "run", str(self.app_dir), CONNECTION, "--stream"]
         if run_config.strip():
             command += ["--run-config", run_config]
-        return stream_flwr_run(command, self.env, echo)
+        return stream_flwr_run(command, self.env, echo, verbose)

@@ -156,6 +156,7 @@ def run_simulation(
     app_dir: Path = PROJECT_DIR,
     flwr_home: Path | None = None,
     echo: TextIO | None = sys.stdout,
+    verbose: bool = False,
 ) -> SimulationOutcome:
     validate_overrides(run_config, app_dir)
     env = flower_env(flwr_home)
@@ -172,20 +173,40 @@ def run_simulation(
     if run_config.strip():
         command += ["--run-config", run_config]
     try:
-        return stream_flwr_run(command, env, echo)
+        return stream_flwr_run(command, env, echo, verbose)
     finally:
         stop_local_superlink(home)
 
 
-def stream_flwr_run(command: list[str], env: dict[str, str], echo: TextIO | None) -> SimulationOutcome:
-    """Run a `flwr run ... --stream` command, echo its log, and ask the SuperLink how the run really ended."""
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LEVEL = re.compile(r"^(INFO|WARNING|DEBUG)\s*:\s*")
+
+
+def quiet_line(line: str) -> str | None:
+    """The line as the quiet terminal shows it: the server's own `[fedpt-app]` lines (level prefix and colours
+    dropped) and errors; None for the rest (Flower's round banners and metric dumps, Ray's and the libraries'
+    warnings, the devices' lines)."""
+    text = _ANSI.sub("", line)
+    if "ERROR" in text:
+        return text
+    if "[fedpt-app]" not in text or "ClientAppActor" in text:
+        return None
+    return _LEVEL.sub("", text)
+
+
+def stream_flwr_run(
+    command: list[str], env: dict[str, str], echo: TextIO | None, verbose: bool = False
+) -> SimulationOutcome:
+    """Run a `flwr run ... --stream` command, echo its log (all of it when `verbose`, else `quiet_line`s), and ask
+    the SuperLink how the run really ended. The outcome keeps the whole log."""
     lines: list[str] = []
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if echo is not None:
-                echo.write(line)
+            shown = line if verbose else quiet_line(line)
+            if echo is not None and shown is not None:
+                echo.write(shown)
                 echo.flush()
     log = "".join(lines)
     match = _RUN_ID.search(log)

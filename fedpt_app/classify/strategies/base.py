@@ -173,4 +173,8 @@ class ClassifyStrategy(FederatedStrategy):
 
     def summary_fields(self) -> dict[str, str]:
         foundation_model = self.config.classify.foundation_model
-        return {"adapter_base_model": foundation_model, "foundation_model": foundation_model}
+        return {
+            "adapter_base_model": foundation_model,
+            "foundation_model": foundation_model,
+            "label_names": list(self.label_names),
+        }

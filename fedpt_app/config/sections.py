@@ -1,27 +1,19 @@
-"""Typed, validated run configuration: every config key, grouped in sections that validate themselves.
+"""The sections of the run configuration: each a frozen dataclass of keys that checks its own values.
 
-Keys are spelled as in `[tool.flwr.app.config]` (kebab-case; Flower passes them as one flat mapping). A section's
-fields are its keys in snake_case without the section's prefix: `lora-r` is `config.lora.r`, `kd-steps` is
-`config.instruct.kd_steps`. A `preset` fills the model and dataset keys that are left empty ("").
+A section's fields are its config keys in snake_case without the section's prefix (`lora-r` is `LoraSettings.r`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, ClassVar
-
-from fedpt_app.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, INSTRUCT, Algorithm, Family
-from fedpt_app.presets import PRESETS
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 WIRE_DTYPES = ("float32", "float16")
 TEACHER_CACHE_MODES = ("memory", "disk", "off")
 DP_MODES = ("off", "server", "client")
+REPORTERS = ("tensorboard", "wandb", "mlflow")  # fedpt_app.federation.tracking implements each
 
 
 class ConfigError(ValueError):
@@ -33,7 +25,7 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     check(value in choices, f"{key}={value!r}; choose one of {choices}")
 
 
@@ -89,7 +81,7 @@ class FederationConfig(Section):
         check(self.round_timeout > 0.0, f"round-timeout must be positive, got {self.round_timeout}")
         check(self.max_update_norm >= 0.0, "max-update-norm must be 0 (no bound) or positive")
         check(self.max_num_examples >= 1, "max-num-examples must be at least 1")
-        _choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        check_choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -98,6 +90,8 @@ class PrivacyConfig(Section):
     dp_mode: str = "off"
     dp_clipping_norm: float = 1.0
     dp_noise_multiplier: float = 1.0
+    dp_delta: float = 1e-5  # the δ of the (ε, δ) reported after every round
+    dp_target_epsilon: float = 0.0  # > 0: refuse a plan that exceeds it, and stop before the round that would
     # secure aggregation with Flower's SecAgg+; see fedpt_app/federation/secure_aggregation.py
     secure_aggregation: bool = False
     secagg_num_shares: float = 1.0  # proportion of the sampled clients each key is shared with
@@ -105,9 +99,15 @@ class PrivacyConfig(Section):
     secagg_max_weight: float = 1000.0  # num-examples above this overflow SecAgg+'s quantized weighting
 
     def validate(self) -> None:
-        _choice("dp-mode", self.dp_mode, DP_MODES)
+        check_choice("dp-mode", self.dp_mode, DP_MODES)
         check(self.dp_clipping_norm > 0.0, f"dp-clipping-norm must be positive, got {self.dp_clipping_norm}")
         check(self.dp_noise_multiplier >= 0.0, "dp-noise-multiplier must be 0 or more")
+        check(0.0 < self.dp_delta < 1.0, f"dp-delta must be in (0, 1), got {self.dp_delta}")
+        check(self.dp_target_epsilon >= 0.0, "dp-target-epsilon must be 0 (no target) or positive")
+        check(
+            self.dp_target_epsilon == 0.0 or (self.dp_mode != "off" and self.dp_noise_multiplier > 0.0),
+            "dp-target-epsilon needs differential privacy: set dp-mode and a positive dp-noise-multiplier",
+        )
         check(
             not (self.secure_aggregation and self.dp_mode != "off"),
             "secure-aggregation=true cannot be combined with dp-mode yet (the server sees only the weighted sum)",
@@ -156,14 +156,25 @@ class LoraSettings(Section):
 
 @dataclass(frozen=True)
 class EvaluationConfig(Section):
+    """Central evaluation, and where its results are reported besides metrics.jsonl."""
+
     eval_interval: int = 1
     eval_samples: int = 0  # 0: the whole test split (a seeded sample of this many rows otherwise)
     eval_batch_size: int = 32
+    report_to: str = "none"  # comma-separated: tensorboard, wandb, mlflow (see fedpt_app/federation/tracking.py)
 
     def validate(self) -> None:
         check(self.eval_interval >= 0, "eval-interval must be 0 (never) or a positive number of rounds")
         check(self.eval_samples >= 0, "eval-samples must be 0 (the whole test split) or more")
         check(self.eval_batch_size >= 1, "eval-batch-size must be at least 1")
+        names = [name.strip() for name in self.report_to.split(",")]
+        check(
+            names == ["none"] or (all(name in REPORTERS for name in names) and len(set(names)) == len(names)),
+            f"report-to={self.report_to!r}; choose 'none' or a comma-separated list of {REPORTERS}",
+        )
+
+    def reporters(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.report_to.split(",") if name.strip() != "none")
 
 
 @dataclass(frozen=True)
@@ -184,8 +195,8 @@ class InstructConfig(Section):
     max_new_tokens: int = 0  # 0: enough for 95% of the server split's references
 
     def validate(self) -> None:
-        _choice("large-model-quantization", self.large_model_quantization, QUANTIZATIONS)
-        _choice("teacher-cache", self.teacher_cache, TEACHER_CACHE_MODES)
+        check_choice("large-model-quantization", self.large_model_quantization, QUANTIZATIONS)
+        check_choice("teacher-cache", self.teacher_cache, TEACHER_CACHE_MODES)
         check(self.kd_temperature > 0.0, f"kd-temperature must be positive, got {self.kd_temperature}")
         check(self.kd_steps >= 0, "kd-steps must be 0 (no distillation) or more")
         check(self.kd_lr > 0.0, f"kd-lr must be positive, got {self.kd_lr}")
@@ -246,149 +257,3 @@ class ClassifyConfig(Section):
                 f"foundation model has {num_layers} layers (0..{num_layers - 1})"
             )
         return indices
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    algorithm: str = DEFAULT_ALGORITHM
-    preset: str = "tiny"
-    output_dir: str = ""
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    instruct: InstructConfig = field(default_factory=InstructConfig)
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
-
-    # ---- construction -----------------------------------------------------------------------------------
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [*TOP_LEVEL_KEYS, *(key for section in SECTIONS.values() for key in section.fields_by_key())]
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
-        """Build and validate a config from `context.run_config` (or any key -> value mapping)."""
-        valid = cls.keys()
-        unknown = sorted(set(raw) - set(valid))
-        if unknown:
-            raise ConfigError(f"Unknown config key(s) {unknown}. Valid keys: {', '.join(valid)}")
-        top = {
-            name: _coerce(key, raw[key], type_name) for key, (name, type_name) in TOP_LEVEL_KEYS.items() if key in raw
-        }
-        config = cls(**top)
-        _choice("algorithm", config.algorithm, tuple(ALGORITHMS))
-        check(config.preset in PRESETS, f"preset={config.preset!r}; choose one of {sorted(PRESETS)}")
-        check(
-            config.output_dir == "" or os.path.isabs(os.path.expanduser(config.output_dir)),
-            f"output-dir must be an absolute path (or empty for the default), got {config.output_dir!r}",
-        )
-        preset = PRESETS[config.preset].fills(config.family.name)
-        filled = {key: value for key, value in preset.items() if raw.get(key, "") == ""}
-        sections = {name: _build_section(section, {**raw, **filled}) for name, section in SECTIONS.items()}
-        config = dataclasses.replace(config, **sections)
-        config._check_family()
-        return config
-
-    def _check_family(self) -> None:
-        check(
-            not self.privacy.secure_aggregation or self.family.secure_aggregation,
-            f"secure-aggregation is not supported for {self.algorithm} yet",
-        )
-        if self.family.name == INSTRUCT:
-            check(
-                self.instruct.small_model != "" and self.instruct.large_model != "" and self.data.dataset != "",
-                f"preset={self.preset!r} has no instruction-tuning models: choose another preset or set "
-                f"small-model, large-model and dataset",
-            )
-            return
-        check(
-            self.classify.foundation_model != "" and self.data.dataset != "",
-            f"preset={self.preset!r} has no classification model and data: set foundation-model and dataset, "
-            f"or use preset='minilm-rt'",
-        )
-        check(
-            self.federation.wire_dtype == "float32"
-            or not self.classify.align_during
-            or not self.method.aligns_during_fl,
-            f"{self.algorithm}'s aligned FFN weights travel as float32; use wire-dtype='float32'",
-        )
-
-    # ---- views ------------------------------------------------------------------------------------------
-    @property
-    def method(self) -> Algorithm:
-        return ALGORITHMS[self.algorithm]
-
-    @property
-    def family(self) -> Family:
-        return self.method.family
-
-    def to_mapping(self) -> dict[str, Any]:
-        """config key -> value, as Flower passes a run config."""
-        mapping = {key: getattr(self, name) for key, (name, _) in TOP_LEVEL_KEYS.items()}
-        for name, section in SECTIONS.items():
-            values = getattr(self, name)
-            mapping.update({key: getattr(values, field_name) for key, field_name in section.fields_by_key().items()})
-        return mapping
-
-    def flat(self) -> dict[str, Any]:
-        """field name (snake_case) -> value over every key: config.json and the checkpoint's identity."""
-        return {key.replace("-", "_"): value for key, value in self.to_mapping().items()}
-
-    # ---- derived values ---------------------------------------------------------------------------------
-    def round_lr(self, server_round: int) -> float:
-        """Linear decay over rounds: lr_r = lr_0 * (R - r) / R for rounds r = 0 .. R-1."""
-        rounds = self.federation.num_server_rounds
-        return self.training.lr * (rounds - (server_round - 1)) / rounds
-
-    def output_path(self) -> Path:
-        if self.output_dir:
-            return Path(os.path.expanduser(self.output_dir))
-        return default_output_root() / f"{self.algorithm}-{self.preset}-seed{self.seed}"
-
-
-TOP_LEVEL_KEYS = {
-    "algorithm": ("algorithm", "str"),
-    "preset": ("preset", "str"),
-    "output-dir": ("output_dir", "str"),
-    "seed": ("seed", "int"),
-}  # key -> (field, type)
-SECTIONS: dict[str, type[Section]] = {
-    "data": DataConfig,
-    "federation": FederationConfig,
-    "privacy": PrivacyConfig,
-    "training": TrainingConfig,
-    "lora": LoraSettings,
-    "evaluation": EvaluationConfig,
-    "instruct": InstructConfig,
-    "classify": ClassifyConfig,
-}
-
-
-def _build_section(section: type[Section], raw: Mapping[str, Any]) -> Section:
-    types = {f.name: f.type for f in fields(section)}
-    values = {name: _coerce(key, raw[key], types[name]) for key, name in section.fields_by_key().items() if key in raw}
-    built = section(**values)
-    built.validate()
-    return built
-
-
-def default_output_root() -> Path:
-    return Path(os.environ.get("FEDPT_OUTPUT_ROOT", Path.home() / "fedpt-app-runs"))
-
-
-def _coerce(key: str, value: Any, type_name: str) -> Any:
-    if type_name == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r} ({type(value).__name__})")
-        return value
-    expected = {"int": int, "float": float, "str": str}[type_name]
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{key} must be a {type_name}, got {value!r} ({type(value).__name__})")
-    if expected is float and isinstance(value, int):
-        return float(value)
-    if not isinstance(value, expected):
-        raise ConfigError(f"{key} must be a {type_name}, got {value!r} ({type(value).__name__})")
-    return value

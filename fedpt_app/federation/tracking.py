@@ -1,0 +1,100 @@
+"""Experiment tracking through each tool's own library (`report-to`): the run config at the start, every metrics row,
+the summary at the end. Offline by default, into the run's output folder:
+
+- `tensorboard`: event files in `<output-dir>/tensorboard/` (`tensorboard --logdir <output-dir>/tensorboard`);
+- `wandb`: an offline run in `<output-dir>/wandb/` (`wandb sync` uploads it; `WANDB_MODE=online` logs live);
+- `mlflow`: a SQLite store `<output-dir>/mlflow.db` (`mlflow ui --backend-store-uri sqlite:///.../mlflow.db`;
+  `MLFLOW_TRACKING_URI` points elsewhere).
+
+Each metrics row is logged at step = round: its numeric fields as scalars (lists and strings stay in
+metrics.jsonl). The libraries are imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+PROJECT = "fedpt-app"
+
+
+class Tracker(Protocol):
+    def log(self, row: dict[str, Any], step: int) -> None: ...
+
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The row's numeric fields (booleans and None left out)."""
+    return {
+        key: float(value)
+        for key, value in row.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+class TensorBoardTracker:
+    def __init__(self, output_dir: Path, run_config: dict[str, Any]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        self.writer.add_text("config", f"```\n{json.dumps(run_config, indent=2)}\n```")
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        for key, value in scalars(row).items():
+            self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.writer.add_text("summary", f"```\n{json.dumps(summary, indent=2)}\n```")
+        self.writer.close()
+
+
+class WandbTracker:
+    def __init__(self, output_dir: Path, run_config: dict[str, Any]) -> None:
+        import wandb
+
+        self.run = wandb.init(
+            project=PROJECT,
+            dir=str(output_dir),
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            name=output_dir.name,
+            config=run_config,
+            reinit="finish_previous",
+        )
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        self.run.log(scalars(row), step=step)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.run.summary.update({key: value for key, value in summary.items() if key != "final"})
+        self.run.summary.update({f"final/{key}": value for key, value in scalars(summary.get("final") or {}).items()})
+        self.run.finish()
+
+
+class MlflowTracker:
+    def __init__(self, output_dir: Path, run_config: dict[str, Any]) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{output_dir / 'mlflow.db'}"))
+        mlflow.set_experiment(PROJECT)
+        self.run = mlflow.start_run(run_name=output_dir.name)
+        mlflow.log_params({key: str(value) for key, value in run_config.items()})
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        self.mlflow.log_metrics(scalars(row), step=step)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.mlflow.log_dict(summary, "summary.json")
+        self.mlflow.end_run()
+
+
+TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}  # config.REPORTERS
+
+
+def trackers(names: Sequence[str], output_dir: Path, run_config: dict[str, Any]) -> list[Tracker]:
+    return [TRACKERS[name](output_dir, run_config) for name in names]

@@ -1,0 +1,83 @@
+"""Checks before anything starts: every model and data reference of a run resolves, the instruct pair shares a
+tokenizer, and a differential-privacy plan stays within its target. `check-config` and `simulate` run them in
+seconds, before Flower, Ray or any model weights load; the ServerApp repeats its own checks for plain `flwr run`.
+
+Each failure is a ConfigError naming the key and its value. Built-in models are always available (built on first
+use); hub models and datasets are checked against the local cache when `HF_HUB_OFFLINE=1`, and left to the run
+otherwise (checking them would download them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fedpt_app.algorithms import INSTRUCT
+from fedpt_app.config import ConfigError, RunConfig
+from fedpt_app.datafiles import DatasetError
+from fedpt_app.models.loading import ModelLoadError, check_model_ref
+
+LOCAL_DATA = (".jsonl", ".json", ".csv")
+
+
+def preflight(config: RunConfig) -> None:
+    if config.family.name == INSTRUCT:
+        models = {"small-model": config.instruct.small_model, "large-model": config.instruct.large_model}
+    else:
+        models = {"foundation-model": config.classify.foundation_model}
+    for key, ref in models.items():
+        try:
+            check_model_ref(ref)
+        except ModelLoadError as error:
+            raise ConfigError(f"{key}={ref!r}: {error}") from None
+    for key, ref in {"dataset": config.data.dataset, "test-dataset": config.data.test_dataset}.items():
+        if ref:
+            _check_dataset(key, ref, config)
+    if config.family.name == INSTRUCT:
+        _check_pair(models["small-model"], models["large-model"])
+    if config.privacy.dp_target_epsilon:
+        from fedpt_app.federation.privacy import PrivacyBudget
+
+        PrivacyBudget(config.privacy).check_plan(config.federation.num_server_rounds, config.federation.fraction_train)
+
+
+def _check_dataset(key: str, ref: str, config: RunConfig) -> None:
+    """Local files are read (a malformed row is named now); the built-in and packaged sets always exist."""
+    try:
+        if config.family.name == INSTRUCT:
+            from fedpt_app.instruct.data import EVALUATION_SETS, load_splits
+
+            if ref in EVALUATION_SETS:
+                return
+            if ref == "builtin" or Path(ref).suffix in LOCAL_DATA or _offline_hub(ref):
+                load_splits(ref, config.data.test_fraction, config.seed)
+        else:
+            from fedpt_app.classify.data import load_classification_splits, read_classification_file
+
+            if key == "test-dataset":
+                read_classification_file(ref)
+            elif ref == "rotten-tomatoes" or Path(ref).suffix in LOCAL_DATA or _offline_hub(ref):
+                load_classification_splits(ref, "", config.data.test_fraction, config.seed)
+    except DatasetError as error:
+        raise ConfigError(f"{key}={ref!r}: {error}") from None
+
+
+def _offline_hub(ref: str) -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1" and not ref.startswith(("/", ".", "~"))
+
+
+def _check_pair(small: str, large: str) -> None:
+    """The pair's tokenizers, compared when both are on this machine already (no preset is built for it)."""
+    from fedpt_app.models.loading import BUILTIN_MODELS
+
+    if small in BUILTIN_MODELS and large in BUILTIN_MODELS:
+        return  # the embedded pair shares its tokenizer by construction
+    local = all(Path(os.path.expanduser(ref)).is_dir() for ref in (small, large))
+    if not local:
+        return
+    from fedpt_app.instruct.proxy import VocabularyMismatchError, shared_vocab_size
+
+    try:
+        shared_vocab_size(small, large)
+    except VocabularyMismatchError as error:
+        raise ConfigError(f"small-model={small!r}, large-model={large!r}: {error}") from None

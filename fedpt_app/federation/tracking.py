@@ -12,11 +12,14 @@ metrics.jsonl). The libraries are imported only when asked for.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from fedpt_app.config import ConfigError
 
 PROJECT = "fedpt-app"
 
@@ -96,5 +99,18 @@ class MlflowTracker:
 TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}  # config.REPORTERS
 
 
+LIBRARIES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # what each tracker imports
+
+
+def check_trackers(names: Sequence[str]) -> None:
+    """Raise ConfigError if a tracker's library is not installed (before the run starts)."""
+    missing = [name for name in names if importlib.util.find_spec(LIBRARIES[name]) is None]
+    if missing:
+        raise ConfigError(
+            f'report-to={",".join(names)!r}: {", ".join(missing)} not installed; pip install -e ".[tracking]"'
+        )
+
+
 def trackers(names: Sequence[str], output_dir: Path, run_config: dict[str, Any]) -> list[Tracker]:
+    check_trackers(names)
     return [TRACKERS[name](output_dir, run_config) for name in names]

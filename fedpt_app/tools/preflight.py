@@ -1,5 +1,5 @@
 """Checks before anything starts: every model and data reference of a run resolves, the instruct pair shares a
-tokenizer, and a differential-privacy plan stays within its target. `check-config` and `simulate` run them in
+tokenizer, the trackers of `report-to` are installed, and a differential-privacy plan stays within its target. `check-config` and `simulate` run them in
 seconds, before Flower, Ray or any model weights load; the ServerApp repeats its own checks for plain `flwr run`.
 
 Each failure is a ConfigError naming the key and its value. Built-in models are always available (built on first
@@ -35,6 +35,10 @@ def preflight(config: RunConfig) -> None:
             _check_dataset(key, ref, config)
     if config.family.name == INSTRUCT:
         _check_pair(models["small-model"], models["large-model"])
+    if config.evaluation.reporters():
+        from fedpt_app.federation.tracking import check_trackers
+
+        check_trackers(config.evaluation.reporters())
     if config.privacy.dp_target_epsilon:
         from fedpt_app.federation.privacy import PrivacyBudget
 

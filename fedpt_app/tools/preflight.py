@@ -1,6 +1,7 @@
 """Checks before anything starts: every model and data reference of a run resolves, the instruct pair shares a
-tokenizer, the trackers of `report-to` are installed, and a differential-privacy plan stays within its target. `check-config` and `simulate` run them in
-seconds, before Flower, Ray or any model weights load; the ServerApp repeats its own checks for plain `flwr run`.
+tokenizer, the trackers of `report-to` are installed, and a differential-privacy plan stays within its target.
+`check-config`, `simulate`, `compare` and `deploy-local` run them in seconds, before Flower, Ray or any model weights
+load; the ServerApp repeats its own checks for plain `flwr run`.
 
 Each failure is a ConfigError naming the key and its value. Built-in models are always available (built on first
 use); hub models and datasets are checked against the local cache when `HF_HUB_OFFLINE=1`, and left to the run

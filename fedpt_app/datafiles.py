@@ -7,6 +7,7 @@ record against their own schema; `seeded_sample` draws their evaluation rows.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,19 @@ def seeded_sample(rows: Sequence[T], size: int, seed: int) -> tuple[T, ...]:
     if not size or size >= len(rows):
         return tuple(rows)
     return tuple(rows[index] for index in sorted(random.Random(seed).sample(range(len(rows)), size)))
+
+
+def content_key(ref: str) -> str:
+    """A dataset reference as a cache key: a local file by its content (another file at the same path, or the same
+    file edited, is another dataset), anything else by name."""
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        return ref
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
 
 
 class DatasetError(ValueError):

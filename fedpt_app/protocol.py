@@ -24,6 +24,7 @@ FFN_UPDATE_KEY = "ffn-update"  # ArrayRecord: the sub-FM's FFN weights after a n
 APOZ_KEY = "apoz"  # ArrayRecord in a reply: per-layer zero-activation counts ("layer-N") and "tokens" (FedPFT)
 IDENTITY_QUERY = "query.identity"  # the message type that asks a node for its stable identity
 IDENTITY_KEY = "identity"  # ConfigRecord in the reply: {"name": the node's identity}
+MISSING_BASE = "the device lacks the client base"  # in the error of a device that must get its base again
 
 
 class ProtocolError(ValueError):
@@ -50,6 +51,7 @@ class RoundConfig:
     trained_model: str | None = None  # instruct family: which of the pair the devices tune, "small" or "large"
     prompt_budget: int | None = None  # instruct family: prompts are cut to this many tokens (max-length - generation)
     base: ClientBase | None = None  # classify family
+    label_names: tuple[str, ...] | None = None  # classify family: a device's own labels map onto these by name
     count_apoz: bool | None = None  # FedPFT: count zero activations before training (alignment rounds)
 
     def to_record(self) -> ConfigRecord:
@@ -59,6 +61,8 @@ class RoundConfig:
             entries.update(_entries(self.base, _BASE_KEYS))
             if self.base.lora_layers is not None:
                 entries["lora-layers"] = list(self.base.lora_layers)
+        if self.label_names is not None:
+            entries["label-names"] = list(self.label_names)
         return ConfigRecord(entries)
 
     @classmethod
@@ -70,7 +74,14 @@ class RoundConfig:
                 base = ClientBase(
                     **_fields(record, _BASE_KEYS), lora_layers=tuple(map(int, layers)) if layers else None
                 )
-            return cls(int(record["server-round"]), float(record["lr"]), base=base, **_fields(record, _ROUND_KEYS))
+            labels = record.get("label-names")
+            return cls(
+                int(record["server-round"]),
+                float(record["lr"]),
+                base=base,
+                label_names=tuple(map(str, labels)) if labels else None,
+                **_fields(record, _ROUND_KEYS),
+            )
         except (KeyError, TypeError, ValueError) as error:
             raise ProtocolError(f"The round config {dict(record)} is not this app's: {error}") from error
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -70,24 +71,39 @@ def tiny_large_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-large"), tiny_tokenizer, hidden=48, layers=3, seed=1)
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory):
-    """A tiny BERT encoder (4 layers, hidden 32, FFN 64) with the packaged MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+def _foundation_model_dir(folder: Path, build: Callable[[int], torch.nn.Module]) -> Path:
+    """`build(vocab_size)`'s model saved in `folder` with the packaged MiniLM tokenizer."""
+    from transformers import AutoTokenizer
 
     from fedpt_app.models.packaged import packaged_folder
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(packaged_folder("all-minilm-l6-v2"))
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(folder)
+    build(tokenizer.vocab_size).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny BERT encoder (4 layers, hidden 32, FFN 64) with the packaged MiniLM tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    def build(vocab_size: int) -> torch.nn.Module:
+        shape = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
+        return BertModel(BertConfig(vocab_size=vocab_size, max_position_embeddings=64, **shape))
+
+    return _foundation_model_dir(tmp_path_factory.mktemp("tiny-bert"), build)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_fm_dir(tmp_path_factory):
+    """A decoder foundation model as a new user would bring one: a 4-layer config-built Llama saved in float16,
+    with no padding token in its config, and the packaged MiniLM tokenizer."""
+
+    def build(vocab_size: int) -> torch.nn.Module:
+        shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)
+        config = LlamaConfig(vocab_size=vocab_size, num_key_value_heads=2, max_position_embeddings=64, **shape)
+        return LlamaForCausalLM(config).to(torch.float16)
+
+    return _foundation_model_dir(tmp_path_factory.mktemp("tiny-llama-fm"), build)

@@ -11,6 +11,7 @@ from fedpt_app.classify.data import (
     read_classification_file,
     training_rows,
 )
+from fedpt_app.datafiles import content_key
 from fedpt_app.device.partition import PartitionSpec, load_partition
 from fedpt_app.instruct.data import DatasetError
 from fedpt_app.models.loading import load_tokenizer
@@ -37,6 +38,42 @@ def test_local_files_number_label_names_and_name_the_bad_line(tmp_path):
         read_classification_file(str(pairs))
     with pytest.raises(DatasetError, match="does not exist"):
         read_classification_file(str(tmp_path / "missing.csv"))
+
+
+def test_a_devices_labels_map_by_name_onto_the_runs_labels(tmp_path):
+    # Rotten Tomatoes numbers rotten=0, fresh=1; sorted per file, a device's "fresh"/"rotten" would be swapped
+    device_file = tmp_path / "mine.jsonl"
+    device_file.write_text('{"text": "loved it", "label": "fresh"}\n{"text": "awful", "label": "rotten"}\n')
+    rows, names = read_classification_file(str(device_file), ("rotten", "fresh"))
+    assert names == ("rotten", "fresh") and [row["label"] for row in rows] == [1, 0]
+    only_one = tmp_path / "only-fresh.csv"  # a device may hold some of the labels only
+    only_one.write_text("text,label\nloved it,fresh\n")
+    assert [row["label"] for row in read_classification_file(str(only_one), ("rotten", "fresh"))[0]] == [1]
+    unknown = tmp_path / "typo.jsonl"
+    unknown.write_text('{"text": "loved it", "label": "fresh"}\n{"text": "meh", "label": "mixed"}\n')
+    with pytest.raises(DatasetError, match=r"typo.jsonl:2: label 'mixed' is not one of the run's labels"):
+        read_classification_file(str(unknown), ("rotten", "fresh"))
+    out_of_range = tmp_path / "index.jsonl"
+    out_of_range.write_text('{"text": "loved it", "label": 2}\n')
+    with pytest.raises(DatasetError, match=r"index.jsonl:1: label 2"):
+        read_classification_file(str(out_of_range), ("rotten", "fresh"))
+
+
+def test_a_separate_test_file_maps_onto_the_datasets_labels(tmp_path):
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("text,label\n" + "".join(f"text {i},{'neg' if i % 2 else 'pos'}\n" for i in range(20)))
+    test.write_text("text,label\nonly positive,pos\n")  # sorted on its own, "pos" would be label 0
+    splits = load_classification_splits(str(train), str(test), 0.1, 0)
+    assert splits.label_names == ("neg", "pos") and [row["label"] for row in splits.test] == [1]
+
+
+def test_local_files_are_cache_keys_by_content(tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\na,x\n")
+    first = content_key(str(data))
+    data.write_text("text,label\na,y\n")  # the same path, other data
+    assert first.startswith("sha256:") and content_key(str(data)) != first
+    assert content_key("rotten-tomatoes") == "rotten-tomatoes"  # a named dataset is its name
 
 
 def test_sentence_pairs_are_encoded_together_and_padded(tmp_path):

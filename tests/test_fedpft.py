@@ -208,7 +208,7 @@ def test_apoz_replies_are_validated():
         "float32",
         0.0,
         1000,
-        extra_records={APOZ_KEY: functools.partial(apoz_record_problem, widths={"layer-1": 3})},
+        extra_records={APOZ_KEY: functools.partial(apoz_record_problem, widths={"layer-1": 3}, max_length=4)},
     )
 
     def reply(counts, tokens=10.0, with_apoz=True):
@@ -227,6 +227,8 @@ def test_apoz_replies_are_validated():
     assert "shape" in check_reply(reply([0, 3]), rules).problem
     assert "positive integer" in check_reply(reply([0, 0, 0], tokens=0.0), rules).problem
     assert "records" in check_reply(reply([0, 0, 0], with_apoz=False), rules).problem
+    assert check_reply(reply([0, 0, 0], tokens=20.0), rules).problem is None  # 5 examples × 4 tokens
+    assert "exceeds num-examples × max-length" in check_reply(reply([0, 0, 0], tokens=21.0), rules).problem
 
 
 def test_a_derived_base_is_built_once_per_recipe(tmp_path, monkeypatch):
@@ -250,9 +252,12 @@ def test_a_derived_base_is_built_once_per_recipe(tmp_path, monkeypatch):
 
 
 def test_fedpft_sends_each_client_what_it_lacks_and_checkpoints_its_aligned_ffns(tiny_bert_dir, tmp_path, monkeypatch):
+    from flwr.app import Error
+
     from fedpt_app.classify.strategies.fedpft import FedPFT
     from fedpt_app.models.lora import from_array_record
-    from fedpt_app.protocol import BASE_MODEL_KEY, FFN_UPDATE_KEY
+    from fedpt_app.protocol import BASE_MODEL_KEY, FFN_UPDATE_KEY, MISSING_BASE
+    from tests.test_reliability import _received
 
     monkeypatch.setenv("FEDPT_CACHE", str(tmp_path / "cache"))
     config = RunConfig.from_mapping(
@@ -268,6 +273,7 @@ def test_fedpft_sends_each_client_what_it_lacks_and_checkpoints_its_aligned_ffns
         }
     )
     strategy = FedPFT(config)
+    strategy.schedule.identities.update({5: "partition-5", 6: "partition-6"})  # what the identity query learns
     round_config, _ = strategy.open_round(1, strategy.initial_arrays())
 
     def delivered(node_id: int) -> set[str]:
@@ -276,7 +282,7 @@ def test_fedpft_sends_each_client_what_it_lacks_and_checkpoints_its_aligned_ffns
         return set(records)
 
     assert delivered(5) == {BASE_MODEL_KEY}  # a new client gets the sub-FM
-    strategy.holders[5] = 0
+    strategy.holders["partition-5"] = 0
     assert delivered(5) == set()  # sent once
     # an alignment round: APoZ from clients, then neuron-level distillation of the highest-APoZ half
     state = from_array_record(strategy.initial_arrays())
@@ -291,11 +297,75 @@ def test_fedpft_sends_each_client_what_it_lacks_and_checkpoints_its_aligned_ffns
     assert not torch.equal(after[up][8:], before[up][8:])
     assert delivered(5) == {FFN_UPDATE_KEY}  # an older copy gets the changed FFNs only
     assert delivered(6) == {BASE_MODEL_KEY, FFN_UPDATE_KEY}
-    # the aligned FFNs are part of the checkpoint: a restarted server takes them back
+    # the aligned FFNs and who holds the base are part of the checkpoint: a restarted server takes them back (its
+    # nodes get new ids, but keep their identities)
     restarted = FedPFT(config)
     restarted.restore_server_state(strategy.server_state())
-    assert restarted.base_version == 1
+    assert restarted.base_version == 1 and restarted.holders == {"partition-5": 0}
     assert all(torch.equal(restarted.ffn_state()[key], after[key]) for key in after)
+    restarted.schedule.identities.update({42: "partition-5"})
+    restarted.open_round(2, restarted.initial_arrays())
+    assert set(restarted.deliveries(42, restarted.round_config(2))[1]) == {FFN_UPDATE_KEY}
+    # a device that lost its base says so, and gets the whole base again next time
+    lost = _received(42, error=Error(code=0, reason=f"ClientApp raised MissingBaseError: {MISSING_BASE}: no copy"))
+    restarted.accept_replies([], [lost])
+    assert "partition-5" not in restarted.holders
+    assert set(restarted.deliveries(42, restarted.round_config(2))[1]) == {BASE_MODEL_KEY, FFN_UPDATE_KEY}
+
+
+def test_each_device_keeps_its_own_copy_of_the_base_and_says_when_it_has_none(tmp_path, monkeypatch):
+    from flwr.app import Message, RecordDict
+
+    from fedpt_app.classify import base_store
+    from fedpt_app.config import LoraSettings
+    from fedpt_app.protocol import BASE_MODEL_KEY, MISSING_BASE, ClientBase
+    from tests.test_reliability import _received
+
+    monkeypatch.setenv("FEDPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(base_store, "_BASE", {})
+    package = ModelPackage.of(tiny_bert(hidden=8, ffn=12))
+    base = ClientBase("sub-fm-test", 0, config_json=package.config_json)
+
+    def sent(records: dict) -> Message:
+        return _received(1, content=RecordDict(records))  # its metadata does not matter here
+
+    base_store.receive_base(sent({BASE_MODEL_KEY: package.to_array_record()}), base, LoraSettings(), 0, "partition-0")
+    assert [path.name for path in (tmp_path / "client-bases").iterdir()] == ["partition-0"]  # one file per device
+    base_store._BASE.clear()  # a fresh process: only the device's files remain
+    with pytest.raises(base_store.MissingBaseError, match=MISSING_BASE):
+        base_store.receive_base(sent({}), base, LoraSettings(), 0, "partition-1")
+    kept = base_store.receive_base(sent({}), base, LoraSettings(), 0, "partition-0")
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.allclose(kept.get_base_model()(input_ids=ids).logits, package.build()(input_ids=ids).logits)
+
+
+def test_a_decoder_foundation_model_classifies_in_float32_with_a_padding_token(tiny_llama_fm_dir):
+    from fedpt_app.classify.models import load_classifier
+    from fedpt_app.models.loading import load_tokenizer
+
+    model = load_classifier(str(tiny_llama_fm_dir), 2)  # saved in float16, without a pad_token_id
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+    assert model.config.pad_token_id == load_tokenizer(str(tiny_llama_fm_dir)).pad_token_id
+    padded = torch.tensor([[101, 2023, 102, 0, 0], [101, 2023, 3185, 2001, 102]])
+    logits = model(input_ids=padded, attention_mask=(padded != 0).long()).logits  # needs the pad token
+    assert logits.shape == (2, 2)
+
+
+def test_a_fedot_emulator_of_a_decoder_renumbers_its_kept_layers(tiny_llama_fm_dir):
+    from fedpt_app.classify.models import load_classifier
+
+    full = load_classifier(str(tiny_llama_fm_dir), 2)
+    emulator = build_emulator(full, EmulatorLayout.choose(4))
+    blocks = emulator.get_submodule(blocks_path(emulator))
+    assert [block.self_attn.layer_idx for block in blocks] == list(range(len(blocks))) == [0, 1, 2]
+    ids = torch.tensor([[101, 2023, 3185, 102]])
+    assert emulator(input_ids=ids).logits.shape == (1, 2)  # the KV cache sized for 3 layers: no IndexError
+
+
+def test_a_model_of_two_layers_or_fewer_names_the_layers_to_compress():
+    with pytest.raises(ConfigError, match="2 layers.*compressed-layers"):
+        ClassifyConfig().compressed_layer_indices(2)
+    assert ClassifyConfig(compressed_layers="1").compressed_layer_indices(2) == [1]
 
 
 def _architectures():

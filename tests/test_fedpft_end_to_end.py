@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 from peft import PeftModel
@@ -53,10 +55,14 @@ def test_fedpft_sends_the_sub_fm_once_aligns_with_client_apoz_and_reports_both_a
     )
     assert sum(array.numpy().size for array in update.values()) == 2 * (16 * 32 + 16 + 32 * 16 + 32)
     assert rows[2]["bytes_down_model"] == 3 * update.count_bytes()
+    apoz_bytes = ArrayRecord(
+        {"layer-1": Array(np.zeros(16)), "layer-2": Array(np.zeros(16)), "tokens": Array(np.zeros(1))}
+    ).count_bytes()
     for row in rows[1:]:
         assert row["failures"] == 0 and row["rejected"] == 0
         assert row["align_loss"] >= 0.0 and 0.0 < row["apoz_mean"] < 1.0
-        assert row["bytes_down"] == row["bytes_down_model"] + 3 * (row["bytes_up"] // 3)
+        # up: the adapter each client got back, plus its APoZ counts (float64: layers 1 and 2 of width 16, tokens)
+        assert row["bytes_up"] == row["bytes_down"] - row["bytes_down_model"] + 3 * apoz_bytes
     for row in rows:
         assert 0.0 <= row["accuracy_full"] <= 100.0 and 0.0 <= row["accuracy_sub"] <= 100.0
     # the saved adapter is the plug-in: it loads onto the full FM, and exports as a merged classifier
@@ -87,3 +93,16 @@ def test_fedpetuning_sends_the_full_fm_once(tmp_path, tiny_bert_dir):
     full = load_classifier(str(tiny_bert_dir), 2)
     assert rows[1]["bytes_down_model"] == 3 * _package_bytes(full) and rows[2]["bytes_down_model"] == 0
     assert all(row["accuracy_full"] is not None and row["accuracy_sub"] is None for row in rows)
+
+
+@pytest.mark.parametrize("algorithm", ["fedpft", "fedpetuning", "fedot"])
+def test_a_decoder_foundation_model_runs_every_algorithm(tmp_path, tiny_llama_fm_dir, algorithm):
+    """A 4-layer Llama saved in float16 with no padding token, as a new user would bring a decoder."""
+    rows, output, _ = _simulate(tmp_path, tiny_llama_fm_dir, f"algorithm='{algorithm}'")
+    assert all(row["failures"] == 0 and row["rejected"] == 0 for row in rows[1:])
+    assert all(0.0 <= row["accuracy_full"] <= 100.0 for row in rows)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama_fm_dir, num_labels=2, dtype=torch.float32)
+    base.config.pad_token_id = 0
+    plugged = PeftModel.from_pretrained(base, output / "adapter").eval()
+    with torch.no_grad():
+        assert plugged(input_ids=torch.tensor([[101, 2023, 102]])).logits.shape == (1, 2)

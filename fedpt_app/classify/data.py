@@ -113,20 +113,37 @@ def _number_labels(rows: list[dict], where: str) -> tuple[list[dict], tuple[str,
     return [{**row, "label": names.index(str(row["label"]).strip())} for row in rows], tuple(names)
 
 
-def read_classification_file(path: str) -> tuple[list[dict], tuple[str, ...]]:
-    """Rows of a local .jsonl or .csv file; a bad row is an error naming file:line."""
+def read_classification_file(path: str, label_names: Sequence[str] | None = None) -> tuple[list[dict], tuple[str, ...]]:
+    """Rows of a local .jsonl or .csv file; a bad row is an error naming file:line. With the run's `label_names`
+    (a device's own data file, a separate test file) every label is mapped by name onto them, so a file that uses
+    another order, or only some of the labels, still means what the server means; without, the file's own label
+    names are numbered in sorted order."""
     file = Path(path).expanduser()
     if not file.exists():
         raise DatasetError(f"Classification data file {path} does not exist")
     if file.suffix not in (".jsonl", ".csv"):
         raise DatasetError(f"{path}: expected a .jsonl or .csv file with columns text[, text_pair], label")
-    rows = [
-        _check_row(_with_int_label(record) if file.suffix == ".csv" else record, where)
+    located = [
+        (where, _check_row(_with_int_label(record) if file.suffix == ".csv" else record, where))
         for where, record in read_records(file)
     ]
-    if not rows:
+    if not located:
         raise DatasetError(f"{path} holds no rows")
-    return _number_labels(rows, path)
+    if label_names is None:
+        return _number_labels([row for _, row in located], path)
+    return [{**row, "label": _label_index(row["label"], label_names, where)} for where, row in located], tuple(
+        label_names
+    )
+
+
+def _label_index(label: object, label_names: Sequence[str], where: str) -> int:
+    """The index of a label (a name, or an index) among the run's label names."""
+    if isinstance(label, int) and not isinstance(label, bool):
+        if 0 <= label < len(label_names):
+            return label
+    elif str(label).strip() in label_names:
+        return list(label_names).index(str(label).strip())
+    raise DatasetError(f"{where}: label {label!r} is not one of the run's labels {tuple(label_names)}")
 
 
 def _with_int_label(record: dict) -> dict:
@@ -157,10 +174,8 @@ def load_classification_splits(
     else:
         rows, names = read_classification_file(dataset)
         test_rows = None
-    if test_dataset:
-        test_rows, test_names = read_classification_file(test_dataset)
-        if test_names != names:
-            raise DatasetError(f"test-dataset {test_dataset} has labels {test_names}, dataset has {names}")
+    if test_dataset:  # mapped by label name onto the dataset's labels
+        test_rows, _ = read_classification_file(test_dataset, names)
     rows = _shuffled(rows, seed)
     held = max(1, int(len(rows) * test_fraction))
     if test_rows is None:

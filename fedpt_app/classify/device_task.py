@@ -25,16 +25,13 @@ from fedpt_app.protocol import APOZ_KEY, ARRAYS_KEY, CONFIG_KEY, ProtocolError, 
 PARTITION_COLUMN = "label"  # what the non-IID partitioners skew over
 
 
-def _file_rows(path: str) -> list[dict]:
-    return read_classification_file(path)[0]
-
-
 @functools.cache
 def _local_examples(
-    source: PartitionSpec | str, partition_id: int, model_ref: str, max_length: int
+    source: PartitionSpec | str, partition_id: int, model_ref: str, max_length: int, label_names: tuple[str, ...]
 ) -> tuple[tuple[dict, ...], int]:
-    """(this node's encoded training rows, how many were cut at max-length), prepared once per process."""
-    rows = source_rows(source, partition_id, _file_rows, training_rows)
+    """(this node's encoded training rows, how many were cut at max-length), prepared once per process; the labels
+    of a device's own data file are mapped by name onto the run's `label_names`."""
+    rows = source_rows(source, partition_id, lambda path: read_classification_file(path, label_names)[0], training_rows)
     tokenizer = load_tokenizer(model_ref)
     return tuple(encode_rows(tokenizer, rows, max_length)), count_truncated(tokenizer, rows, max_length)
 
@@ -63,8 +60,12 @@ def train(msg: Message, context: Context, config: RunConfig) -> Message:
         raise ProtocolError("A classify round config names no base model (base-id)")
     foundation_model, training = config.classify.foundation_model, config.training
     pad_token_id = load_tokenizer(foundation_model).pad_token_id
-    examples, truncated = _local_examples(source, node.index, foundation_model, training.max_length)
-    model = receive_base(msg, round_config.base, config.lora, config.seed)
+    if round_config.label_names is None:
+        raise ProtocolError("A classify round config names no labels (label-names)")
+    examples, truncated = _local_examples(
+        source, node.index, foundation_model, training.max_length, round_config.label_names
+    )
+    model = receive_base(msg, round_config.base, config.lora, config.seed, node.storage_key)
     load_adapter_state(model, from_array_record(msg.content[ARRAYS_KEY]))
     records = {}
     if round_config.count_apoz:

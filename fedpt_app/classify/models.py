@@ -29,23 +29,30 @@ from fedpt_app.models.loading import (
     cache_root,
     default_device,
     file_lock,
+    load_tokenizer,
     resolve_model_ref,
 )
 from fedpt_app.models.lora import LoraSpec, with_initial_state
 
 
 def load_classifier(model_ref: str, num_labels: int, seed: int = 0) -> PreTrainedModel:
-    """A fresh (uncached: compression edits it) foundation model with a `num_labels` head, seeded head init."""
+    """A fresh (uncached: compression edits it) foundation model with a `num_labels` head, seeded head init, in
+    float32 whatever the checkpoint's dtype (server and devices compute alike), with a padding token (decoders
+    such as GPT-2 and Llama classify at the last non-padding token and need one)."""
     source = resolve_model_ref(model_ref)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, dtype=torch.float32
+            )
     except Exception as error:  # transformers raises several types for a missing or unreachable model
         raise ModelLoadError(
             f"Could not load foundation model {model_ref!r} ({source}) as a classifier: {error}"
         ) from error
     LOAD_COUNTS[model_ref] += 1
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(model_ref).pad_token_id
     model.requires_grad_(False)
     return model.to(default_device()).eval()
 

@@ -249,6 +249,11 @@ class ClassifyConfig(Section):
     def compressed_layer_indices(self, num_layers: int) -> list[int]:
         """The FFN layers FedPFT compresses: `compressed-layers`, or all but the first and the last."""
         if not self.compressed_layers.strip():
+            if num_layers <= 2:
+                raise ConfigError(
+                    f"The foundation model has {num_layers} layers: all but the first and the last leaves none to "
+                    "compress; name the layers to compress with compressed-layers"
+                )
             return list(range(1, num_layers - 1))
         indices = sorted({int(part) for part in self.compressed_layers.split(",") if part.strip()})
         if indices[-1] >= num_layers:

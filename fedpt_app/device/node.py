@@ -7,6 +7,7 @@ a `name` and a `model-cache` folder, from `--node-config`.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,12 @@ class Node:
             f"This device trains on its own data file ({self.data_file}) and has no name: give it one in its node "
             'config, e.g. --node-config \'name="pi-kitchen" data-file="..."\''
         )
+
+    @property
+    def storage_key(self) -> str:
+        """The folder name of this node's own files in a model cache (simulated nodes share one)."""
+        key = self.name or (f"partition-{self.partition_id}" if self.partition_id is not None else "device")
+        return re.sub(r"[^A-Za-z0-9_-]", "_", key)  # a name is not a path
 
     @property
     def index(self) -> int:

@@ -29,7 +29,7 @@ class RoundState:
     rejected: int = 0
     problems: list[str] = field(default_factory=list)
     update_norm_max: float | None = None  # None under secure aggregation (the server sees no single update)
-    bytes_up: int | None = 0  # None: not counted (secure aggregation)
+    bytes_up: int | None = 0  # every array record of the usable replies (adapter, APoZ); None: not counted (SecAgg+)
     dp_noise_stdv: float | None = None
     dp_sample_rate: float | None = None  # with DP: sampled / connected clients, the accountant's q
     epsilon: float | None = None  # with DP: the ε spent after this round, at δ = dp_delta

@@ -41,8 +41,9 @@ class UpdateRules:
     wire_dtype: str
     max_update_norm: float  # 0: no bound
     max_num_examples: int
-    # records an algorithm asked for this round besides adapter and metrics: name -> problem of the record or None
-    extra_records: dict[str, Callable[[object], str | None]] = field(default_factory=dict)
+    # records an algorithm asked for this round besides adapter and metrics: name -> rule(record, the reply's
+    # metrics) giving the record's problem or None
+    extra_records: dict[str, Callable[[object, MetricRecord], str | None]] = field(default_factory=dict)
 
 
 def check_reply(msg: Message, rules: UpdateRules) -> Verdict:
@@ -59,7 +60,7 @@ def check_reply(msg: Message, rules: UpdateRules) -> Verdict:
     problem = (
         _metrics_problem(metrics, rules)
         or _arrays_problem(arrays, rules)
-        or next(filter(None, (rule(content[name]) for name, rule in rules.extra_records.items())), None)
+        or next(filter(None, (rule(content[name], metrics) for name, rule in rules.extra_records.items())), None)
     )
     if problem:
         return Verdict(problem)

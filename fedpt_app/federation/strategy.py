@@ -213,7 +213,9 @@ class FederatedStrategy(FedAvg):
         self.round.failures = sum(msg.has_error() for msg in replies) + timeouts
         self.round.rejected = sum(not msg.has_error() for msg in replies) - len(usable)
         self.round.update_norm_max = max(norms)
-        self.round.bytes_up = sum(msg.content[ARRAYS_KEY].count_bytes() for msg in usable)
+        self.round.bytes_up = sum(
+            record.count_bytes() for msg in usable for record in msg.content.array_records.values()
+        )
         return self.complete_round(global_state, metrics)
 
     def screen_replies(self, replies: list[Message]) -> tuple[list[Message], list[float]]:
@@ -244,15 +246,15 @@ class FederatedStrategy(FedAvg):
                 self.round.problems.append(f"node {msg.metadata.src_node_id}: {verdict.problem}")
                 log(WARNING, "[fedpt-app] dropped the reply of node %d: %s", msg.metadata.src_node_id, verdict.problem)
         usable.sort(key=content_digest)
-        self.accept_replies(usable)
+        self.accept_replies(usable, [msg for msg in replies if msg.has_error()])
         return usable, norms
 
-    def reply_records(self) -> dict[str, Callable[[object], str | None]]:
+    def reply_records(self) -> dict[str, Callable[[object, MetricRecord], str | None]]:
         """Records this round's replies must hold besides adapter and metrics, each with its check."""
         return {}
 
-    def accept_replies(self, usable: list[Message]) -> None:
-        """See the round's usable replies before they are aggregated; nothing to do by default."""
+    def accept_replies(self, usable: list[Message], errors: list[Message]) -> None:
+        """See the round's usable replies before they are aggregated, and its error replies; nothing by default."""
 
     def check_enough_replies(self, replies: int, usable: int) -> int:
         """The number of sampled clients that never replied; stops the run below `min-train-nodes`."""

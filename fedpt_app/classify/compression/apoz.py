@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, MetricRecord
 from torch import nn
 
 from fedpt_app.classify.compression.ffn import find_ffns
@@ -61,13 +61,16 @@ def neurons_to_update(zero_counts: dict[int, torch.Tensor], tokens: int, proport
     return masks
 
 
-def apoz_record_problem(record: object, widths: dict[str, int]) -> str | None:
-    """Zero counts per neuron: the expected layers and widths, integers in [0, tokens]."""
+def apoz_record_problem(record: object, metrics: MetricRecord, widths: dict[str, int], max_length: int) -> str | None:
+    """Zero counts per neuron: the expected layers and widths, integers in [0, tokens], and a token count no device
+    could exceed: at most num-examples × max-length (padding is not counted)."""
     if not isinstance(record, ArrayRecord) or set(record) != set(widths) | {"tokens"}:
         return f"APoZ record must hold {sorted(widths)} and 'tokens'"
     tokens = record["tokens"].numpy()
     if tokens.shape != (1,) or not np.isfinite(tokens).all() or tokens[0] < 1 or tokens[0] != int(tokens[0]):
         return "APoZ 'tokens' must be one positive integer"
+    if tokens[0] > metrics["num-examples"] * max_length:
+        return f"APoZ 'tokens' {int(tokens[0])} exceeds num-examples × max-length"
     for key, width in widths.items():
         counts = record[key].numpy()
         if counts.shape != (width,):

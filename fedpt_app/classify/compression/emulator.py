@@ -83,8 +83,13 @@ def build_emulator(model: nn.Module, layout: EmulatorLayout) -> nn.Module:
         nn.ModuleList([blocks[index] for index in keep]),
     )
     emulator.config.num_hidden_layers = len(keep)
-    if getattr(emulator.config, "fedpt_ffn_modules", None):  # FFN names found on the full model, per block
-        emulator.config.fedpt_ffn_modules = [emulator.config.fedpt_ffn_modules[index] for index in keep]
+    for key in ("fedpt_ffn_modules", "layer_types"):  # per-block lists (FFN names found on the full model; a
+        if getattr(emulator.config, key, None):  # decoder's attention kinds): the kept blocks' entries
+            setattr(emulator.config, key, [getattr(emulator.config, key)[index] for index in keep])
+    for position, block in enumerate(emulator.get_submodule(path)):
+        for module in block.modules():  # decoders index their KV cache by layer_idx: renumber the kept blocks
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
     return emulator
 
 

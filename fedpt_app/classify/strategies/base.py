@@ -21,11 +21,13 @@ from transformers import PreTrainedModel
 from fedpt_app.classify.data import batches, encode_rows, load_classification_splits
 from fedpt_app.classify.evaluation import accuracy
 from fedpt_app.classify.models import ModelPackage, load_classifier, lora_classifier
-from fedpt_app.datafiles import seeded_sample
+from fedpt_app.datafiles import content_key, seeded_sample
 from fedpt_app.federation.strategy import FederatedStrategy, State
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state
-from fedpt_app.protocol import BASE_MODEL_KEY, ClientBase, RoundConfig
+from fedpt_app.protocol import BASE_MODEL_KEY, MISSING_BASE, ClientBase, RoundConfig
+
+HOLDER = "holder:"  # checkpoint keys of the base holders
 
 
 class ClassifyStrategy(FederatedStrategy):
@@ -55,7 +57,7 @@ class ClassifyStrategy(FederatedStrategy):
         )
         self._check_plug_in()
         self.base_version = 0  # bumped when the server changes the client base (FedPFT's alignment)
-        self.holders: dict[int, int] = {}  # node id -> version of the client base it confirmed holding
+        self.holders: dict[str, int] = {}  # device identity -> version of the client base it confirmed holding
 
     def client_base(self, full: PreTrainedModel) -> PreTrainedModel:
         """The model clients train on (built from the full FM)."""
@@ -65,7 +67,8 @@ class ClassifyStrategy(FederatedStrategy):
         """What determines a base distilled on the public texts (part of its cache key)."""
         config, data, classify = self.config, self.config.data, self.config.classify
         return {
-            "data": data.dataset,
+            "data": content_key(data.dataset),
+            "test_data": content_key(data.test_dataset),  # a separate test set leaves more rows for the public split
             "test_fraction": data.test_fraction,
             "public": len(self.public_examples),
             "max_length": config.training.max_length,
@@ -124,12 +127,12 @@ class ClassifyStrategy(FederatedStrategy):
             lora_r=spec.r if rescaled else None,
             lora_alpha=spec.alpha if rescaled else None,
         )
-        return dataclasses.replace(super().round_config(number), base=base)
+        return dataclasses.replace(super().round_config(number), base=base, label_names=tuple(self.label_names))
 
     def deliveries(self, node_id: int, round_config: RoundConfig) -> tuple[RoundConfig, dict[str, ArrayRecord]]:
         """The base model if the node has none (its config travels in the round config), and the base's changes
         if its copy is older than the current version."""
-        held = self.holders.get(node_id)
+        held = self.holders.get(self.schedule.identities[node_id])
         records = {BASE_MODEL_KEY: self.package.to_array_record()} if held is None else {}
         if held != self.base_version:
             records.update(self.base_updates())
@@ -144,9 +147,20 @@ class ClassifyStrategy(FederatedStrategy):
         """Records that bring a client's base to `base_version`; none unless the algorithm changes the base."""
         return {}
 
-    def accept_replies(self, usable: list[Message]) -> None:
+    def accept_replies(self, usable: list[Message], errors: list[Message]) -> None:
+        identities = self.schedule.identities
         for msg in usable:  # a usable reply was trained on the base we sent: the client holds it now
-            self.holders[msg.metadata.src_node_id] = self.base_version
+            self.holders[identities[msg.metadata.src_node_id]] = self.base_version
+        for msg in errors:  # a device that lost its base (a wiped cache, a new disk) gets it again next time
+            if MISSING_BASE in msg.error.reason:
+                self.holders.pop(identities.get(msg.metadata.src_node_id, ""), None)
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """Which devices hold which version of the base, by identity: a resumed run does not resend it to them."""
+        return {f"{HOLDER}{identity}": torch.tensor(version) for identity, version in self.holders.items()}
+
+    def restore_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.holders = {key[len(HOLDER) :]: int(value) for key, value in state.items() if key.startswith(HOLDER)}
 
     # ---- evaluation and results --------------------------------------------------------------------------
     def _accuracy(self, model: PeftModel) -> float:

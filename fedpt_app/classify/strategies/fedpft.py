@@ -14,7 +14,7 @@ from collections.abc import Callable
 from logging import INFO
 
 import torch
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from transformers import PreTrainedModel
 
@@ -28,7 +28,7 @@ from fedpt_app.classify.compression.alignment import (
 from fedpt_app.classify.compression.apoz import apoz_record_problem, neurons_to_update
 from fedpt_app.classify.compression.ffn import compress, find_ffns
 from fedpt_app.classify.models import cached_base
-from fedpt_app.classify.strategies.base import ClassifyStrategy
+from fedpt_app.classify.strategies.base import HOLDER, ClassifyStrategy
 from fedpt_app.federation.strategy import State
 from fedpt_app.models.loading import resolve_model_ref
 from fedpt_app.models.lora import load_adapter_state
@@ -99,15 +99,16 @@ class FedPFT(ClassifyStrategy):
         self.counting_apoz = self.alignment_due(number)
         return dataclasses.replace(super().round_config(number), count_apoz=self.counting_apoz)
 
-    def reply_records(self) -> dict[str, Callable[[object], str | None]]:
+    def reply_records(self) -> dict[str, Callable[[object, MetricRecord], str | None]]:
         if not self.counting_apoz:
             return {}
         ffns = find_ffns(self.model)
         widths = {f"layer-{layer}": ffns[layer].width for layer in self.layers}
-        return {APOZ_KEY: functools.partial(apoz_record_problem, widths=widths)}
+        rule = functools.partial(apoz_record_problem, widths=widths, max_length=self.config.training.max_length)
+        return {APOZ_KEY: rule}
 
-    def accept_replies(self, usable: list[Message]) -> None:
-        super().accept_replies(usable)
+    def accept_replies(self, usable: list[Message], errors: list[Message]) -> None:
+        super().accept_replies(usable, errors)
         if self.counting_apoz:  # APoZ: counts and tokens summed over clients before dividing
             records = [msg.content[APOZ_KEY] for msg in usable]
             self.apoz = (
@@ -169,13 +170,14 @@ class FedPFT(ClassifyStrategy):
     # ---- checkpointing -----------------------------------------------------------------------------------
     def server_state(self) -> dict[str, torch.Tensor]:
         if self.base_version == 0:
-            return {}
-        return {VERSION_KEY: torch.tensor(self.base_version), **self.ffn_state()}
+            return super().server_state()
+        return {**super().server_state(), VERSION_KEY: torch.tensor(self.base_version), **self.ffn_state()}
 
     def restore_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().restore_server_state(state)
         if VERSION_KEY not in state:
             return
-        ffn = {key: tensor for key, tensor in state.items() if key != VERSION_KEY}
+        ffn = {key: tensor for key, tensor in state.items() if key != VERSION_KEY and not key.startswith(HOLDER)}
         missing = set(ffn) - set(dict(self.model.get_base_model().named_parameters()))
         if missing:
             raise ValueError(f"The checkpoint's FFN weights do not fit the sub-FM: {sorted(missing)[:3]}")

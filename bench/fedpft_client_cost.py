@@ -1,8 +1,8 @@
 """Client cost of FedPFT (sub-FM) vs FedPETuning (full FM) vs FedOT (emulator): training step time, peak memory
 and bytes on the wire, on the offline MiniLM + Rotten Tomatoes preset (or any foundation model).
 
-    python bench/fedpft_client_cost.py [--model all-minilm-l6-v2] [--steps 20] [--batch-size 16] [--max-length 64]
-                                       [--rounds 100] [--align-interval 10]
+    python bench/fedpft_client_cost.py [--model all-minilm-l6-v2 | --bert-base] [--steps 20] [--batch-size 16]
+                                       [--max-length 64] [--rounds 100] [--align-interval 10]
 
 The server side builds each base (pruning / layer drop only: distillation changes values, not cost) and writes it
 as the package a device receives; each device side then runs in its own fresh process, as a device would: rebuild
@@ -12,7 +12,9 @@ data is ready and again once the model is built: "model" is the resident growth 
 "load peak" the transient peak while rebuilding it from the package, "training" the peak above the model during the
 AdamW steps (activations, gradients, optimizer state).
 The FedPFT paper claims the sub-FM needs about half of the full FM's compute (BERT-base: 81M -> 47M transformer
-parameters at ratio 0.75 on 10 of 12 layers).
+parameters at ratio 0.75 on 10 of 12 layers). `--bert-base` measures that shape offline: a 12-layer encoder built
+from the BERT-base config (hidden 768, FFN 3072; random weights: cost does not depend on them) with the MiniLM
+package's tokenizer (the same 30,522-token BERT vocabulary).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from pathlib import Path
 DEVICE = r"""
 import gc, json, sys, time
 import torch
-from fedpt_app.classify.data import batches, encode_rows, load_classification_splits
+from fedpt_app.classify.data import batches, load_classification_splits
+from fedpt_app.classify.inputs import TextInputs
 from fedpt_app.classify.models import ModelPackage, lora_classifier
-from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec
 from fedpt_app.device.training import train_lora
 
@@ -40,9 +42,9 @@ def status_mb(field):
     line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
     return int(line.split()[1]) / 1024
 
-tokenizer = load_tokenizer(model_ref)
+inputs = TextInputs(model_ref)
 rows = load_classification_splits("rotten-tomatoes").train[:(steps + 1) * batch_size]
-examples = encode_rows(tokenizer, rows, max_length)
+examples = inputs.encode(rows, max_length)
 def reset_peak():
     with open("/proc/self/clear_refs", "w") as handle:  # the kernel's peak RSS (VmHWM) restarts from now
         handle.write("5")
@@ -52,7 +54,7 @@ baseline = reset_peak()
 saved = torch.load(package_file, weights_only=True)
 model = lora_classifier(ModelPackage(saved["config_json"], saved["state"]).build(), LoraSpec(8, 16.0), 0, layers)
 del saved  # the received tensors were copied into the model
-common = dict(make_batches=batches, epochs=1, lr=1e-3, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id,
+common = dict(make_batches=batches, epochs=1, lr=1e-3, batch_size=batch_size, pad_token_id=inputs.pad_token_id,
               seed=0)
 gc.collect()
 loaded_peak, before_training = status_mb("VmHWM"), reset_peak()
@@ -92,9 +94,23 @@ def build_bases(model_ref: str, ratio: float) -> dict:
     }
 
 
+def bert_base_folder(folder: Path) -> str:
+    """A 12-layer encoder from the BERT-base config, saved with the MiniLM package's (BERT) tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from fedpt_app.models.packaged import packaged_folder
+
+    torch.manual_seed(0)
+    BertModel(BertConfig()).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(packaged_folder("all-minilm-l6-v2")).save_pretrained(folder)
+    return str(folder)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="all-minilm-l6-v2")
+    parser.add_argument("--bert-base", action="store_true", help="a 12-layer encoder from the BERT-base config")
     parser.add_argument("--compress-ratio", type=float, default=0.75)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -110,6 +126,8 @@ def main() -> int:
 
     results = {}
     with tempfile.TemporaryDirectory() as folder:
+        if args.bert_base:
+            args.model = bert_base_folder(Path(folder) / "bert-base")
         for name, (base, lora_layers, ffn_bytes) in build_bases(args.model, args.compress_ratio).items():
             package = ModelPackage.of(base)
             package_file = Path(folder) / "package.pt"
@@ -145,8 +163,9 @@ def main() -> int:
                 + alignments * ffn_bytes,
             }
     reference = results[next(iter(results))]
+    shape = "BERT-base config (12 layers)" if args.bert_base else args.model
     print(
-        f"Client cost per device, {args.model}, batch {args.batch_size} x {args.max_length} tokens, "
+        f"Client cost per device, {shape}, batch {args.batch_size} x {args.max_length} tokens, "
         f"{args.steps} steps; bytes over {args.rounds} rounds, FedPFT aligning every {args.align_interval}"
     )
     print(

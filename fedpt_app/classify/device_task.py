@@ -12,13 +12,13 @@ from peft import PeftModel
 from fedpt_app.classify.base_store import receive_base
 from fedpt_app.classify.compression.apoz import count_zero_activations
 from fedpt_app.classify.compression.ffn import find_ffns
-from fedpt_app.classify.data import batches, count_truncated, encode_rows, read_classification_file, training_rows
+from fedpt_app.classify.data import batches, read_classification_file, training_rows
+from fedpt_app.classify.inputs import model_inputs
 from fedpt_app.config import ClassifyConfig, RunConfig
 from fedpt_app.device.node import Node, local_seed
 from fedpt_app.device.partition import PartitionSpec, node_source, source_rows
 from fedpt_app.device.reply import train_reply
 from fedpt_app.device.training import train_lora
-from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import from_array_record, load_adapter_state
 from fedpt_app.protocol import APOZ_KEY, ARRAYS_KEY, CONFIG_KEY, ProtocolError, RoundConfig
 
@@ -32,8 +32,8 @@ def _local_examples(
     """(this node's encoded training rows, how many were cut at max-length), prepared once per process; the labels
     of a device's own data file are mapped by name onto the run's `label_names`."""
     rows = source_rows(source, partition_id, lambda path: read_classification_file(path, label_names)[0], training_rows)
-    tokenizer = load_tokenizer(model_ref)
-    return tuple(encode_rows(tokenizer, rows, max_length)), count_truncated(tokenizer, rows, max_length)
+    inputs = model_inputs(model_ref)
+    return tuple(inputs.encode(rows, max_length)), inputs.count_truncated(rows, max_length)
 
 
 def _count_apoz(
@@ -59,7 +59,7 @@ def train(msg: Message, context: Context, config: RunConfig) -> Message:
     if round_config.base is None:
         raise ProtocolError("A classify round config names no base model (base-id)")
     foundation_model, training = config.classify.foundation_model, config.training
-    pad_token_id = load_tokenizer(foundation_model).pad_token_id
+    pad_token_id = model_inputs(foundation_model).pad_token_id
     if round_config.label_names is None:
         raise ProtocolError("A classify round config names no labels (label-names)")
     examples, truncated = _local_examples(

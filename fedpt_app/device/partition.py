@@ -54,15 +54,20 @@ class PartitionSpec:
 
 
 TrainingRows = Callable[[PartitionSpec], Sequence[dict]]
+ROW = "row"  # the partitioner's column of row indices
 
 
 @functools.cache
 def _partitioner(spec: PartitionSpec, training_rows: TrainingRows):
-    """Built once per process: the Dirichlet draw and category assignment are then shared by all partitions."""
+    """Built once per process: the Dirichlet draw and category assignment are then shared by all partitions. The
+    partitioner sees the skew column and each row's index only (rows may hold images)."""
     from datasets import Dataset
 
+    rows = training_rows(spec)
     partitioner = spec.build_partitioner()
-    partitioner.dataset = Dataset.from_list(list(training_rows(spec)))
+    partitioner.dataset = Dataset.from_dict(
+        {spec.column: [row[spec.column] for row in rows], ROW: list(range(len(rows)))}
+    )
     return partitioner
 
 
@@ -75,12 +80,13 @@ def load_partition(spec: PartitionSpec, partition_id: int, training_rows: Traini
         "use fewer partitions, more data or a larger dirichlet-alpha"
     )
     try:
-        rows = _partitioner(spec, training_rows).load_partition(partition_id).to_list()
+        indices = _partitioner(spec, training_rows).load_partition(partition_id)[ROW]
     except (ValueError, IndexError) as error:  # flwr-datasets' ways of saying a partition gets no rows
         raise DatasetError(f"{empty} ({error})") from error
-    if not rows:
+    if not indices:
         raise DatasetError(empty)
-    return rows
+    rows = training_rows(spec)
+    return [rows[index] for index in indices]
 
 
 def node_source(node: Node, data: DataConfig, column: str, seed: int) -> PartitionSpec | str:

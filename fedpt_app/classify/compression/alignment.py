@@ -1,4 +1,4 @@
-"""Distillation that aligns a compressed model with its full teacher on unlabeled text.
+"""Distillation that aligns a compressed model with its full teacher on unlabeled inputs (texts or images).
 
 - Layer-level (FedPFT before FL): per compressed layer, the normalized hidden-state error at the layer output plus
   `mu` times the normalized difference of the FFN products W1·W2, training the compressed FFNs and their norms.
@@ -27,11 +27,12 @@ class AlignmentResult:
     seconds: float
 
 
-def normalized_hidden_error(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mean over real tokens of mean(((hT - hS) / rms(hT))^2), rms over each token's hidden vector."""
+def normalized_hidden_error(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """mean over real tokens of mean(((hT - hS) / rms(hT))^2), rms over each token's hidden vector; without a mask
+    (an image's patches) every position is real."""
     rms = teacher.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-6)
     per_token = ((teacher - student) / rms).pow(2).mean(dim=-1)
-    weights = mask.to(per_token.dtype)
+    weights = torch.ones_like(per_token) if mask is None else mask.to(per_token.dtype)
     return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
 
 
@@ -88,7 +89,7 @@ def distill(
         with torch.no_grad():
             target = hidden_states(teacher, batch)
         output = hidden_states(student, batch)
-        loss = sum(normalized_hidden_error(target[t], output[s], batch["attention_mask"]) for t, s in pairs)
+        loss = sum(normalized_hidden_error(target[t], output[s], batch.get("attention_mask")) for t, s in pairs)
         if regularizer is not None:
             loss = loss + regularizer()
         optimizer.zero_grad(set_to_none=True)

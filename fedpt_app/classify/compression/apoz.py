@@ -22,28 +22,34 @@ from fedpt_app.classify.compression.ffn import find_ffns
 def count_zero_activations(
     model: nn.Module, layers: Sequence[int], batches: Iterable[dict[str, torch.Tensor]]
 ) -> tuple[dict[int, torch.Tensor], int]:
-    """({layer: per-neuron count of tokens with pre-activation <= 0}, number of real tokens)."""
+    """({layer: per-neuron count of tokens with pre-activation <= 0}, number of real tokens); every position of
+    an input without an attention mask (an image's patches) is real."""
     ffns = find_ffns(model)
     counts = {layer: torch.zeros(ffns[layer].width, dtype=torch.float64) for layer in layers}
-    current_mask: list[torch.Tensor] = []
+    current_mask: list[torch.Tensor | None] = [None]
+    tokens = 0
 
     def counter(layer: int):
         def hook(_module, _inputs, output):
+            nonlocal tokens
+            if current_mask[0] is None:  # the positions of this batch, learned from the first counted layer
+                current_mask[0] = torch.ones(output.shape[:-1], dtype=torch.bool, device=output.device)
+                tokens += int(current_mask[0].sum())
             zero = (output <= 0) & current_mask[0].unsqueeze(-1).bool()
             counts[layer] += zero.sum(dim=tuple(range(zero.dim() - 1))).double().cpu()
 
         return hook
 
     handles = [ffns[layer].activation_source.register_forward_hook(counter(layer)) for layer in layers]
-    tokens = 0
     device = next(model.parameters()).device
     model.eval()
     try:
         for batch in batches:
             batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
-            current_mask[:] = [batch["attention_mask"]]
+            current_mask[0] = batch.get("attention_mask")
             model(**batch)
-            tokens += int(batch["attention_mask"].sum())
+            if "attention_mask" in batch:
+                tokens += int(batch["attention_mask"].sum())
     finally:
         for handle in handles:
             handle.remove()
@@ -63,7 +69,7 @@ def neurons_to_update(zero_counts: dict[int, torch.Tensor], tokens: int, proport
 
 def apoz_record_problem(record: object, metrics: MetricRecord, widths: dict[str, int], max_length: int) -> str | None:
     """Zero counts per neuron: the expected layers and widths, integers in [0, tokens], and a token count no device
-    could exceed: at most num-examples × max-length (padding is not counted)."""
+    could exceed: at most num-examples × max-length, the most positions of one example (padding is not counted)."""
     if not isinstance(record, ArrayRecord) or set(record) != set(widths) | {"tokens"}:
         return f"APoZ record must hold {sorted(widths)} and 'tokens'"
     tokens = record["tokens"].numpy()

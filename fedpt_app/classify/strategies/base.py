@@ -18,12 +18,12 @@ from flwr.app import ArrayRecord, Message
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from fedpt_app.classify.data import batches, encode_rows, load_classification_splits
+from fedpt_app.classify.data import batches, load_classification_splits
 from fedpt_app.classify.evaluation import accuracy
+from fedpt_app.classify.inputs import check_inputs_match, model_inputs
 from fedpt_app.classify.models import ModelPackage, load_classifier, lora_classifier
 from fedpt_app.datafiles import content_key, seeded_sample
 from fedpt_app.federation.strategy import FederatedStrategy, State
-from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state
 from fedpt_app.protocol import BASE_MODEL_KEY, MISSING_BASE, ClientBase, RoundConfig
 
@@ -37,14 +37,15 @@ class ClassifyStrategy(FederatedStrategy):
     # ---- models and data ---------------------------------------------------------------------------------
     def load_task(self) -> None:
         config, data, classify = self.config, self.config.data, self.config.classify
-        self.tokenizer = load_tokenizer(classify.foundation_model)
+        self.inputs = model_inputs(classify.foundation_model)
         splits = load_classification_splits(data.dataset, data.test_dataset, data.test_fraction, config.seed)
+        check_inputs_match(self.inputs, splits.kind, data.dataset)
         self.label_names = splits.label_names
         max_length = config.training.max_length
         test_rows = seeded_sample(splits.test, config.evaluation.eval_samples, config.seed)
-        self.test_examples = encode_rows(self.tokenizer, test_rows, max_length)
+        self.test_examples = self.inputs.encode(test_rows, max_length)
         public = splits.public[: classify.public_samples] if classify.public_samples else splits.public
-        self.public_examples = encode_rows(self.tokenizer, public, max_length)
+        self.public_examples = self.inputs.encode(public, max_length)
         full = load_classifier(classify.foundation_model, splits.num_labels, config.seed)
         base = self.client_base(full)
         self.package = ModelPackage.of(base)  # before LoRA is injected into it
@@ -64,7 +65,7 @@ class ClassifyStrategy(FederatedStrategy):
         raise NotImplementedError
 
     def distillation_recipe(self) -> dict:
-        """What determines a base distilled on the public texts (part of its cache key)."""
+        """What determines a base distilled on the public inputs (part of its cache key)."""
         config, data, classify = self.config, self.config.data, self.config.classify
         return {
             "data": content_key(data.dataset),
@@ -80,10 +81,10 @@ class ClassifyStrategy(FederatedStrategy):
         }
 
     def public_batches(self, server_round: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless shuffled batches of the public (unlabeled) texts, seeded by the round."""
+        """Endless shuffled batches of the public (unlabeled) inputs, seeded by the round."""
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + server_round)
         return itertools.chain.from_iterable(
-            batches(self.public_examples, self.config.classify.align_batch_size, self.tokenizer.pad_token_id, generator)
+            batches(self.public_examples, self.config.classify.align_batch_size, self.inputs.pad_token_id, generator)
             for _ in itertools.count()
         )
 
@@ -168,7 +169,7 @@ class ClassifyStrategy(FederatedStrategy):
             model,
             self.test_examples,
             batch_size=self.config.evaluation.eval_batch_size,
-            pad_token_id=self.tokenizer.pad_token_id,
+            pad_token_id=self.inputs.pad_token_id,
         )
 
     def evaluate_models(self, server_round: int, state: State) -> dict[str, float]:

@@ -104,7 +104,8 @@ class FedPFT(ClassifyStrategy):
             return {}
         ffns = find_ffns(self.model)
         widths = {f"layer-{layer}": ffns[layer].width for layer in self.layers}
-        rule = functools.partial(apoz_record_problem, widths=widths, max_length=self.config.training.max_length)
+        positions = self.inputs.tokens_per_example(self.config.training.max_length)
+        rule = functools.partial(apoz_record_problem, widths=widths, max_length=positions)
         return {APOZ_KEY: rule}
 
     def accept_replies(self, usable: list[Message], errors: list[Message]) -> None:

@@ -1,6 +1,7 @@
 """The ClientApp's node configuration: a device's own data file and model cache."""
 
 import json
+import types
 
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
@@ -73,3 +74,30 @@ def test_a_device_without_data_is_a_clear_error(tiny_model_dir, instruction, tmp
         train(instruction, _context(tiny_model_dir, {}))
     with pytest.raises(DatasetError, match="does not exist"):
         train(instruction, _context(tiny_model_dir, {"data-file": str(tmp_path / "missing.jsonl")}))
+
+
+def test_local_steps_stop_training_inside_the_epochs():
+    import torch
+
+    from fedpt_app.device.training import train_lora
+
+    class Mean(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, values):
+            return types.SimpleNamespace(loss=(self.weight - values.mean()).pow(2).sum())
+
+    def batches(examples, batch_size, pad_token_id, generator):
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield {"values": torch.tensor([examples[i] for i in order[start : start + batch_size]])}
+
+    def steps(max_steps):
+        common = dict(epochs=2, lr=0.1, batch_size=2, pad_token_id=0, seed=0, max_steps=max_steps)
+        return train_lora(Mean(), [1.0, 2.0, 3.0, 4.0, 5.0], batches, **common).steps
+
+    assert steps(None) == 6  # 3 batches of (2, 2, 1) examples, twice
+    assert steps(4) == 4
+    assert steps(10) == 6  # the epochs end first

@@ -54,6 +54,7 @@ def test_wrong_type_is_rejected(key, value):
         ("dp-clipping-norm", 0.0),
         ("dp-noise-multiplier", -0.1),
         ("secagg-reconstruction-threshold", 0.5),
+        ("local-steps", -2),
     ],
 )
 def test_out_of_range_values_are_rejected(key, value):
@@ -69,6 +70,13 @@ def test_explicit_keys_override_the_preset():
     config = RunConfig.from_mapping({"preset": "smollm2", "dataset": "/data/mine.jsonl"})
     assert config.instruct.small_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert config.data.dataset == "/data/mine.jsonl"
+
+
+def test_local_steps_default_to_the_familys_choice():
+    assert RunConfig.from_mapping({"algorithm": "fedpt"}).local_step_cap() is None  # whole epochs
+    assert RunConfig.from_mapping({"algorithm": "fedpft"}).local_step_cap() == 50  # a first result in minutes
+    assert RunConfig.from_mapping({"algorithm": "fedpft", "local-steps": 0}).local_step_cap() is None
+    assert RunConfig.from_mapping({"algorithm": "fedavg", "local-steps": 7}).local_step_cap() == 7
 
 
 def test_learning_rate_decays_linearly_over_rounds():

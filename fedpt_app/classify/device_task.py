@@ -80,6 +80,7 @@ def train(msg: Message, context: Context, config: RunConfig) -> Message:
         batch_size=training.batch_size,
         pad_token_id=pad_token_id,
         seed=local_seed(config.seed, server_round, node.index),
+        max_steps=config.local_step_cap(),
         description=f"client {node.index} round {server_round}",
     )
     return train_reply(msg, model, result, config.federation.wire_dtype, truncated, records)

@@ -150,6 +150,11 @@ class RunConfig:
         return {key.replace("-", "_"): value for key, value in self.to_mapping().items()}
 
     # ---- derived values ---------------------------------------------------------------------------------
+    def local_step_cap(self) -> int | None:
+        """The most optimizer steps a client takes in a round (None: every batch of local-epochs epochs)."""
+        steps = self.training.local_steps if self.training.local_steps != -1 else self.family.local_steps
+        return steps or None
+
     def round_lr(self, server_round: int) -> float:
         """Linear decay over rounds: lr_r = lr_0 * (R - r) / R for rounds r = 0 .. R-1."""
         rounds = self.federation.num_server_rounds

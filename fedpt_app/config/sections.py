@@ -125,12 +125,17 @@ class TrainingConfig(Section):
     """Local training on the devices."""
 
     local_epochs: int = 2
+    local_steps: int = -1  # at most this many optimizer steps a round; 0: whole epochs; -1: the family's default
     lr: float = 3e-3
     batch_size: int = 16
     max_length: int = 96
 
     def validate(self) -> None:
         check(self.local_epochs >= 1, "local-epochs must be at least 1")
+        check(
+            self.local_steps >= -1,
+            f"local-steps must be -1 (the family's default), 0 (no cap) or more, got {self.local_steps}",
+        )
         check(self.lr > 0.0, f"lr must be positive, got {self.lr}")
         check(self.batch_size >= 1, "batch-size must be at least 1")
         check(self.max_length >= 8, "max-length must be at least 8")

@@ -142,7 +142,7 @@ def band(runs: Sequence[Sequence[dict]], metric: str, model: str) -> tuple[list[
 def plot_score_curves(runs: dict[str, dict[int, list[dict]]], metric: str, models: Sequence[str], path: Path) -> Path:
     figure, axes = _pyplot().subplots(figsize=(8, 5), dpi=120)
     for name, by_seed in runs.items():
-        color = ALGORITHMS[name].color
+        color = ALGORITHMS[name].color if name in ALGORITHMS else None  # a variant takes the next free colour
         for model in models:
             rounds, means, stds = band(list(by_seed.values()), metric, model)
             if len(rounds) < 2:

@@ -375,12 +375,14 @@ def test_compare_gives_every_algorithm_the_same_clients_and_reports_mean_and_std
     )
     output = tmp_path / "compare"
     assert run_comparison(
-        ["fedavg", "fedavg-pt"],
+        "fedavg,fedavg-pt,fedavg-pt[proxy-alpha=0.5]",  # an ablation variant with its own overrides
         "num-server-rounds=2 fraction-train=0.5 eval-samples=9 max-new-tokens=8",
         output,
         num_supernodes=4,
         seeds=(0, 1),
     )
+    variant = json.loads((output / "fedavg-pt-proxy-alpha-0.5" / "seed0" / "config.json").read_text())
+    assert variant["proxy_alpha"] == 0.5 and variant["algorithm"] == "fedavg-pt"
     schedules = {
         (name, seed): [row["clients_sampled"] for row in _rows(output / name / f"seed{seed}")[1:]]
         for name in ("fedavg", "fedavg-pt")
@@ -395,5 +397,6 @@ def test_compare_gives_every_algorithm_the_same_clients_and_reports_mean_and_std
     assert stats["n"] == 2 and stats["mean"] == pytest.approx(sum(finals) / 2)
     assert stats["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
     assert "exact_match_proxy" in summary["algorithms"]["fedavg-pt"] and summary["seeds"] == [0, 1]
+    assert "fedavg-pt[proxy-alpha=0.5]" in summary["algorithms"]
     assert "± " in (output / "comparison.md").read_text()
     assert (output / "rouge_l.png").stat().st_size > 10_000 and (output / "exact_match.png").exists()

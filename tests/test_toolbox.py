@@ -178,3 +178,21 @@ def test_a_missing_model_or_data_file_is_one_line_naming_the_key_before_anything
         "fedpt-app check-config: small-model='/no/such/model': Model path '/no/such/model' does not exist or is "
         "not a model folder"
     ]
+
+
+def test_compare_entries_are_algorithms_or_variants_with_their_own_overrides():
+    from fedpt_app.tools.compare import Entry, parse_entries
+
+    entries = parse_entries("fedpft, fedpft[align-before=false compressed-layers='1,2'],fedot")
+    assert entries == [
+        Entry("fedpft", "fedpft"),
+        Entry(
+            "fedpft[align-before=false compressed-layers='1,2']", "fedpft", "align-before=false compressed-layers='1,2'"
+        ),
+        Entry("fedot", "fedot"),
+    ]
+    assert entries[1].folder == "fedpft-align-before-false-compressed-layers-1-2"
+    with pytest.raises(ConfigError, match="Unknown algorithm entry 'fedsgd"):
+        parse_entries("fedpft,fedsgd[lr=1]")
+    with pytest.raises(ConfigError, match="twice"):
+        parse_entries("fedpft,fedpft")

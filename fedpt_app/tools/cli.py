@@ -179,7 +179,7 @@ def compare(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     ok = run_comparison(
-        args.algorithms.split(","), args.run_config, Path(args.output), args.num_supernodes, seeds, verbose=args.verbose
+        args.algorithms, args.run_config, Path(args.output), args.num_supernodes, seeds, verbose=args.verbose
     )
     return 0 if ok else 1
 
@@ -251,7 +251,8 @@ def _add_run_commands(commands) -> None:
     command.add_argument(
         "--algorithms",
         default=",".join(algorithms.names(algorithms.INSTRUCT)),
-        help=f"comma-separated, of one family: {', '.join(algorithms.ALGORITHMS)}",
+        help=f"comma-separated, of one family: {', '.join(algorithms.ALGORITHMS)}; a variant for ablations is "
+        "ALGORITHM[key=value ...], e.g. fedpft[align-before=false]",
     )
     command.add_argument("--run-config", default="", help="overrides shared by every algorithm")
     command.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (every algorithm runs each)")

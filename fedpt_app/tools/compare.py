@@ -1,6 +1,9 @@
 """`fedpt-app compare`: algorithms × seeds on the same config, each seed with the same client schedule for every
 algorithm; final-round scores as mean ± std over the seeds, in comparison.md, comparison.json and plots.
 
+An entry of `--algorithms` is an algorithm or a variant of one with its own overrides, for ablations:
+`fedpft,fedpft[align-before=false],fedpft[align-before=false align-during=false]`.
+
 Scores are the final round's (no round is picked on the test set). Standard deviations are over seeds (sample
 standard deviation, n - 1), so they show how much a result depends on the seed: partitions, client schedule,
 adapter initialisation and data order all change with it.
@@ -9,8 +12,10 @@ adapter initialisation and data order all change with it.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedpt_app.algorithms import ALGORITHMS, CLASSIFY, INSTRUCT, names
@@ -22,6 +27,35 @@ from fedpt_app.tools.simulation import run_simulation, validate_overrides
 SCORE_PREFIXES = ("rouge_l_", "exact_match_", "accuracy_")
 MODELS = {INSTRUCT: ("small", "proxy", "large"), CLASSIFY: ("full", "sub")}
 METRICS = {INSTRUCT: ("rouge_l", "exact_match"), CLASSIFY: ("accuracy",)}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of the comparison: an algorithm, or a variant of it with its own overrides."""
+
+    label: str
+    algorithm: str
+    overrides: str = ""
+
+    @property
+    def folder(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.label).strip("-")
+
+
+def parse_entries(spec: str | Sequence[str]) -> list[Entry]:
+    """`a,b[key=value key=value],...` (commas inside brackets belong to the overrides)."""
+    parts = re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?", spec) if isinstance(spec, str) else list(spec)
+    entries = []
+    for part in (part.strip() for part in parts if part.strip()):
+        match = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", part)
+        if match is None or match.group(1) not in ALGORITHMS:
+            raise ConfigError(
+                f"Unknown algorithm entry {part!r}; write ALGORITHM or ALGORITHM[key=value ...], from {names()}"
+            )
+        entries.append(Entry(part, match.group(1), (match.group(2) or "").strip()))
+    if len({entry.folder for entry in entries}) != len(entries):
+        raise ConfigError(f"--algorithms names an entry twice: {[entry.label for entry in entries]}")
+    return entries
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -108,17 +142,17 @@ def markdown_table(summary: dict, family: str) -> str:
 
 
 def run_comparison(
-    algorithms: Sequence[str],
+    algorithms: str | Sequence[str],
     run_config: str,
     output: Path,
     num_supernodes: int = 4,
     seeds: Sequence[int] = (0,),
     verbose: bool = False,
 ) -> bool:
-    unknown = [name for name in algorithms if name not in ALGORITHMS]
-    if unknown or not algorithms:
-        raise ConfigError(f"Unknown algorithm(s) {unknown}; choose from {names()}")
-    if len({ALGORITHMS[name].family for name in algorithms}) > 1:
+    entries = parse_entries(algorithms)
+    if not entries:
+        raise ConfigError(f"Name at least one algorithm; choose from {names()}")
+    if len({ALGORITHMS[entry.algorithm].family for entry in entries}) > 1:
         raise ConfigError(
             f"compare either instruction-tuning algorithms {names(INSTRUCT)} or classification "
             f"ones {names(CLASSIFY)}, not both: they are scored differently"
@@ -129,37 +163,44 @@ def run_comparison(
         raise ConfigError(f"--seeds must be distinct integers, got {list(seeds)}")
     output = output.expanduser().resolve()
     configs = {
-        (name, seed): f"{run_config} algorithm='{name}' seed={seed} output-dir='{output / name / f'seed{seed}'}'"
+        (entry, seed): (
+            f"{run_config} {entry.overrides} algorithm='{entry.algorithm}' seed={seed} "
+            f"output-dir='{output / entry.folder / f'seed{seed}'}'"
+        )
         for seed in seeds
-        for name in algorithms
+        for entry in entries
     }
     for overrides in configs.values():  # check every configuration before the first run starts
         preflight(validate_overrides(overrides))
     all_ok = True
-    for (name, seed), overrides in configs.items():
-        print(f"[fedpt-app compare] running {name}, seed {seed} -> {output / name / f'seed{seed}'}", flush=True)
+    for (entry, seed), overrides in configs.items():
+        print(f"[fedpt-app compare] running {entry.label}, seed {seed} -> {output / entry.folder}", flush=True)
         outcome = run_simulation(overrides, num_supernodes=num_supernodes, verbose=verbose)
         if not outcome.succeeded:
-            print(f"[fedpt-app compare] {name}, seed {seed} ended as {outcome.status}: {outcome.details}", flush=True)
+            print(f"[fedpt-app compare] {entry.label}, seed {seed} ended as {outcome.status}: {outcome.details}")
             all_ok = False
     runs = {
-        name: {
-            seed: read_metrics(output / name / f"seed{seed}")
+        entry.label: {
+            seed: read_metrics(output / entry.folder / f"seed{seed}")
             for seed in seeds
-            if (output / name / f"seed{seed}" / "summary.json").exists()
+            if (output / entry.folder / f"seed{seed}" / "summary.json").exists()
         }
-        for name in algorithms
+        for entry in entries
     }
-    write_report(
-        {name: by_seed for name, by_seed in runs.items() if by_seed}, output, ALGORITHMS[algorithms[0]].family.name
-    )
+    folders = {entry.label: entry.folder for entry in entries}
+    family = ALGORITHMS[entries[0].algorithm].family.name
+    write_report({label: by_seed for label, by_seed in runs.items() if by_seed}, output, family, folders)
     return all_ok
 
 
-def write_report(runs: dict[str, dict[int, list[dict]]], output: Path, family: str) -> None:
+def write_report(
+    runs: dict[str, dict[int, list[dict]]], output: Path, family: str, folders: dict[str, str] | None = None
+) -> None:
     summary = summarize(runs)
+    folders = folders or {name: name for name in runs}
     summary["runs"] = {
-        name: {f"seed{seed}": str(output / name / f"seed{seed}") for seed in by_seed} for name, by_seed in runs.items()
+        name: {f"seed{seed}": str(output / folders[name] / f"seed{seed}") for seed in by_seed}
+        for name, by_seed in runs.items()
     }
     table = markdown_table(summary, family)
     output.mkdir(parents=True, exist_ok=True)

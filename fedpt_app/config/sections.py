@@ -225,7 +225,7 @@ class ClassifyConfig(Section):
     align_lr: float = 6e-4
     align_mu: float = 0.01  # weight of the normalized W1·W2 regularizer
     align_batch_size: int = 16
-    align_interval: int = 10  # rounds between neuron-level alignments
+    align_interval: int = 3  # rounds between neuron-level alignments (the paper: 10, over 500 rounds)
     align_proportion: float = 0.5  # share of neurons (highest APoZ) updated at an alignment
     align_round_steps: int = 50  # neuron-level distillation steps per alignment
     public_samples: int = 0  # unlabeled server texts used for distillation; 0 = the whole public split

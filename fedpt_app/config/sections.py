@@ -221,13 +221,13 @@ class ClassifyConfig(Section):
     compressed_layers: str = ""  # comma-separated layer indices; "" = all but the first and the last
     align_before: bool = True  # layer-level distillation before FL
     align_during: bool = True  # neuron-level alignment during FL
-    align_steps: int = 200  # layer-level distillation steps (before FL)
+    align_steps: int = 100  # layer-level distillation steps (before FL)
     align_lr: float = 6e-4
     align_mu: float = 0.01  # weight of the normalized W1·W2 regularizer
     align_batch_size: int = 16
     align_interval: int = 3  # rounds between neuron-level alignments (the paper: 10, over 500 rounds)
     align_proportion: float = 0.5  # share of neurons (highest APoZ) updated at an alignment
-    align_round_steps: int = 50  # neuron-level distillation steps per alignment
+    align_round_steps: int = 20  # neuron-level distillation steps per alignment
     public_samples: int = 0  # unlabeled server texts used for distillation; 0 = the whole public split
     fedot_adapter_layers: int = 0  # per side; 0 = 2 for models of 12+ layers, else 1
     fedot_emulator_layers: int = 0  # 0 = 3 for models of 12+ layers, else half the middle layers

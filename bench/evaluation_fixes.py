@@ -65,7 +65,7 @@ def main() -> int:
     ends = end_token_ids(small, large.model)
     everything = load_test_rows(data.dataset, data.test_dataset, data.test_fraction, config.seed)
     print(f"run {run} ({config.algorithm}, seed {config.seed}); scores in %: Rouge-L / exact match")
-    print(f"{'evaluation':40}" + "".join(f"{model:>22}" for model in args.models.split(",")))
+    print(f"{'evaluation':44}" + "".join(f"{model:>22}" for model in args.models.split(",")))
     for step, label in enumerate(STEPS):
         s = settings(step, config, tokenizer, ends)
         rows = everything[: s["rows"]] if s["rows"] else everything
@@ -86,7 +86,7 @@ def main() -> int:
                 new_step, tokenizer, prompts, [row["response"] for row in rows], decoding=decoding, batch_size=32
             )
             cells.append(f"{scores.rouge_l:6.1f} / {scores.exact_match:5.1f}")
-        print(f"{label:40}" + "".join(f"{cell:>22}" for cell in cells) + f"   ({len(rows)} rows, {s['length']} tokens)")
+        print(f"{label:44}" + "".join(f"{cell:>22}" for cell in cells) + f"   ({len(rows)} rows, {s['length']} tokens)")
     return 0
 
 

@@ -26,14 +26,20 @@ def seeded_sample(rows: Sequence[T], size: int, seed: int) -> tuple[T, ...]:
 
 def content_key(ref: str) -> str:
     """A dataset reference as a cache key: a local file by its content (another file at the same path, or the same
-    file edited, is another dataset), anything else by name."""
+    file edited, is another dataset), a local folder by its files' names, sizes and modification times, anything
+    else (a named or hub dataset) by name."""
     path = Path(ref).expanduser()
-    if not path.is_file():
-        return ref
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
+    if path.is_file():
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    elif path.is_dir():
+        for file in sorted(item for item in path.rglob("*") if item.is_file()):
+            stat = file.stat()
+            digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    else:
+        return ref
     return f"sha256:{digest.hexdigest()}"
 
 

@@ -139,10 +139,21 @@ def band(runs: Sequence[Sequence[dict]], metric: str, model: str) -> tuple[list[
     return rounds, means, stds
 
 
+def line_colors(names: Sequence[str]) -> dict[str, str]:
+    """Each algorithm's own colour; a variant (an ablation) one of matplotlib's tab10 colours no line uses yet."""
+    from matplotlib import colormaps
+    from matplotlib import colors as mcolors
+
+    taken = {mcolors.to_hex(ALGORITHMS[name].color) for name in names if name in ALGORITHMS}
+    free = iter([mcolors.to_hex(color) for color in colormaps["tab10"].colors if mcolors.to_hex(color) not in taken])
+    return {name: ALGORITHMS[name].color if name in ALGORITHMS else next(free, "#7f7f7f") for name in names}
+
+
 def plot_score_curves(runs: dict[str, dict[int, list[dict]]], metric: str, models: Sequence[str], path: Path) -> Path:
     figure, axes = _pyplot().subplots(figsize=(8, 5), dpi=120)
+    colors = line_colors(list(runs))
     for name, by_seed in runs.items():
-        color = ALGORITHMS[name].color if name in ALGORITHMS else None  # a variant takes the next free colour
+        color = colors[name]
         for model in models:
             rounds, means, stds = band(list(by_seed.values()), metric, model)
             if len(rounds) < 2:

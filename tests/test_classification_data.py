@@ -53,6 +53,9 @@ def test_a_devices_labels_map_by_name_onto_the_runs_labels(tmp_path):
     unknown.write_text('{"text": "loved it", "label": "fresh"}\n{"text": "meh", "label": "mixed"}\n')
     with pytest.raises(DatasetError, match=r"typo.jsonl:2: label 'mixed' is not one of the run's labels"):
         read_classification_file(str(unknown), ("rotten", "fresh"))
+    digits = tmp_path / "digits.csv"  # label names that are digits map by name, not by position
+    digits.write_text("text,label\nlow,1\nhigh,3\n")
+    assert [row["label"] for row in read_classification_file(str(digits), ("1", "2", "3"))[0]] == [0, 2]
     out_of_range = tmp_path / "index.jsonl"
     out_of_range.write_text('{"text": "loved it", "label": 2}\n')
     with pytest.raises(DatasetError, match=r"index.jsonl:1: label 2"):
@@ -74,6 +77,12 @@ def test_local_files_are_cache_keys_by_content(tmp_path):
     data.write_text("text,label\na,y\n")  # the same path, other data
     assert first.startswith("sha256:") and content_key(str(data)) != first
     assert content_key("rotten-tomatoes") == "rotten-tomatoes"  # a named dataset is its name
+    folder = tmp_path / "images"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "1.png").write_bytes(b"x")
+    before = content_key(str(folder))
+    (folder / "cat" / "2.png").write_bytes(b"y")  # a folder that gained a file is another dataset
+    assert before.startswith("sha256:") and content_key(str(folder)) != before
 
 
 def test_sentence_pairs_are_encoded_together_and_padded(tmp_path):

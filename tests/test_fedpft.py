@@ -4,6 +4,7 @@ regularizer's gradient, APoZ counting, masked alignment, plug-in keys, FedOT's l
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 
@@ -314,11 +315,11 @@ def test_fedpft_sends_each_client_what_it_lacks_and_checkpoints_its_aligned_ffns
 
 
 def test_each_device_keeps_its_own_copy_of_the_base_and_says_when_it_has_none(tmp_path, monkeypatch):
-    from flwr.app import Message, RecordDict
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
 
     from fedpt_app.classify import base_store
     from fedpt_app.config import LoraSettings
-    from fedpt_app.protocol import BASE_MODEL_KEY, MISSING_BASE, ClientBase
+    from fedpt_app.protocol import BASE_MODEL_KEY, FFN_UPDATE_KEY, MISSING_BASE, ClientBase
     from tests.test_reliability import _received
 
     monkeypatch.setenv("FEDPT_CACHE", str(tmp_path))
@@ -330,13 +331,25 @@ def test_each_device_keeps_its_own_copy_of_the_base_and_says_when_it_has_none(tm
         return _received(1, content=RecordDict(records))  # its metadata does not matter here
 
     base_store.receive_base(sent({BASE_MODEL_KEY: package.to_array_record()}), base, LoraSettings(), 0, "partition-0")
-    assert [path.name for path in (tmp_path / "client-bases").iterdir()] == ["partition-0"]  # one file per device
-    base_store._BASE.clear()  # a fresh process: only the device's files remain
+    # the weights once (named by their content), what each device holds under its own name
+    assert sorted(path.name for path in (tmp_path / "client-bases").iterdir()) == ["partition-0", "sub-fm-test.pt"]
+    base_store._BASE.clear()  # a fresh process: only the files remain
     with pytest.raises(base_store.MissingBaseError, match=MISSING_BASE):
-        base_store.receive_base(sent({}), base, LoraSettings(), 0, "partition-1")
+        base_store.receive_base(sent({}), base, LoraSettings(), 0, "partition-1")  # never received it
     kept = base_store.receive_base(sent({}), base, LoraSettings(), 0, "partition-0")
     ids = torch.tensor([[1, 2, 3]])
     assert torch.allclose(kept.get_base_model()(input_ids=ids).logits, package.build()(input_ids=ids).logits)
+    # another device receiving the base (version 0) leaves the first one's newer version alone
+    newer = dataclasses.replace(base, version=1)
+    ffn = {
+        name: tensor + 1.0 for name, tensor in kept.get_base_model().state_dict().items() if ".intermediate." in name
+    }
+    update = {FFN_UPDATE_KEY: ArrayRecord({name: Array(tensor.numpy()) for name, tensor in ffn.items()})}
+    base_store.receive_base(sent(update), newer, LoraSettings(), 0, "partition-0")
+    base_store.receive_base(sent({BASE_MODEL_KEY: package.to_array_record()}), base, LoraSettings(), 0, "partition-1")
+    base_store._BASE.clear()
+    reloaded = base_store.receive_base(sent({}), newer, LoraSettings(), 0, "partition-0")
+    assert all(torch.equal(reloaded.get_base_model().state_dict()[name], ffn[name]) for name in ffn)
 
 
 def test_a_decoder_foundation_model_classifies_in_float32_with_a_padding_token(tiny_llama_fm_dir):

@@ -102,10 +102,20 @@ def test_a_decoder_foundation_model_runs_every_algorithm(tmp_path, tiny_llama_fm
     assert all(row["failures"] == 0 and row["rejected"] == 0 for row in rows[1:])
     assert all(0.0 <= row["accuracy_full"] <= 100.0 for row in rows)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_llama_fm_dir, num_labels=2, dtype=torch.float32)
-    base.config.pad_token_id = 0
+    base.config.pad_token_id = 0  # the MiniLM tokenizer's [PAD], as in training
     plugged = PeftModel.from_pretrained(base, output / "adapter").eval()
+    from fedpt_app.tools.export import export_run
+
+    merged = AutoModelForSequenceClassification.from_pretrained(
+        export_run(output, tmp_path / "export", merge=True)["merged"]
+    ).eval()
+    assert merged.config.pad_token_id == 0  # batched inputs find their last real token
+    padded = torch.tensor([[101, 2023, 102, 0], [101, 2023, 3185, 102]])
     with torch.no_grad():
-        assert plugged(input_ids=torch.tensor([[101, 2023, 102]])).logits.shape == (1, 2)
+        torch.testing.assert_close(
+            merged(input_ids=padded, attention_mask=(padded != 0).long()).logits,
+            plugged(input_ids=padded, attention_mask=(padded != 0).long()).logits,
+        )
 
 
 @pytest.mark.parametrize("algorithm", ["fedpft", "fedpetuning", "fedot"])

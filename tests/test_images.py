@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fedpt_app.classify.data import batches, load_classification_splits, read_classification_file
+from fedpt_app.classify.data import load_classification_splits, read_classification_file
 from fedpt_app.classify.images import is_image_source, load_image_rows
 from fedpt_app.classify.inputs import ImageInputs, TextInputs, check_inputs_match, model_inputs
 from fedpt_app.datafiles import DatasetError
@@ -63,6 +63,9 @@ def test_hub_style_data_files_find_their_image_and_label_columns(tmp_path):
     rows, test_rows, names = load_image_rows(str(tmp_path / "cifar-like"))
     assert names == ("plane", "car") and len(rows) == 6 and len(test_rows) == 2
     assert rows[0]["image"].mode == "RGB" and rows[1]["label"] == 1
+    hidden = Dataset.from_dict({"img": images, "label": [-1, -1]}, features=features)  # test labels withheld
+    hidden.to_parquet(str(folder / "test-00000-of-00001.parquet"))
+    assert load_image_rows(str(tmp_path / "cifar-like"))[1] is None  # the test rows then come from train
     no_labels = tmp_path / "no-labels" / "data"
     no_labels.mkdir(parents=True)
     Dataset.from_dict({"img": [Image.new("RGB", (2, 2))]}, features=Features({"img": ImageFeature()})).to_parquet(
@@ -84,11 +87,18 @@ def test_a_vision_fm_reads_pixels_and_refuses_text(tiny_vit_dir):
     inputs = model_inputs(str(tiny_vit_dir))
     assert isinstance(inputs, ImageInputs) and isinstance(model_inputs("all-minilm-l6-v2"), TextInputs)
     rows = load_classification_splits("digits", "", 0.1, 0).train[:3]
-    batch = next(batches(inputs.encode(rows, 16), 3, inputs.pad_token_id))
+    batch = next(inputs.batches(inputs.encode(rows, 16), 3))  # processed batch by batch
     assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["labels"].tolist() == [r["label"] for r in rows]
     assert inputs.tokens_per_example(16) == 16 + 2  # 4×4 patches, a class token (and room for a distillation one)
     with pytest.raises(DatasetError, match="reads images but dataset 'rotten-tomatoes' holds texts"):
         check_inputs_match(inputs, "text", "rotten-tomatoes")
+
+
+def test_a_test_set_of_the_other_kind_is_refused(tmp_path):
+    reviews = tmp_path / "reviews.csv"
+    reviews.write_text("text,label\ngreat,0\n")
+    with pytest.raises(DatasetError, match="holds texts, dataset digits images"):
+        load_classification_splits("digits", str(reviews), 0.1, 0)
 
 
 def test_apoz_counts_every_patch_of_an_image(tiny_vit_dir):
@@ -99,11 +109,11 @@ def test_apoz_counts_every_patch_of_an_image(tiny_vit_dir):
     model = load_classifier(str(tiny_vit_dir), 10)
     inputs = model_inputs(str(tiny_vit_dir))
     examples = inputs.encode(load_classification_splits("digits", "", 0.1, 0).train[:5], 16)
-    counts, tokens = count_zero_activations(model, [1, 2], batches(examples, 2, 0))
+    counts, tokens = count_zero_activations(model, [1, 2], inputs.batches(examples, 2))
     assert tokens == 5 * 17  # 16 patches and the class token per image
     captured = []
     handle = find_ffns(model)[1].activation_source.register_forward_hook(lambda m, i, out: captured.append(out))
     with torch.no_grad():
-        model(pixel_values=torch.stack([example["pixel_values"] for example in examples]))
+        model(pixel_values=inputs.pixels(examples)["pixel_values"])
     handle.remove()
     assert torch.equal(counts[1], (captured[0] <= 0).sum(dim=(0, 1)).double())

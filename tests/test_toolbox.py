@@ -196,3 +196,6 @@ def test_compare_entries_are_algorithms_or_variants_with_their_own_overrides():
         parse_entries("fedpft,fedsgd[lr=1]")
     with pytest.raises(ConfigError, match="twice"):
         parse_entries("fedpft,fedpft")
+    for typo in ("fedpft[align-before = false]", "fedpft[no-align]", "fedpft[]", "fedpft]", "fedpft[lr=1"):
+        with pytest.raises(ConfigError, match="key=value|Unbalanced|Unknown"):
+            parse_entries(typo)

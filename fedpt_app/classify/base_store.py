@@ -31,8 +31,14 @@ class MissingBaseError(RuntimeError):
 _BASE: dict[str, tuple[str, int, PeftModel]] = {}
 
 
-def _stored(owner: str, base_id: str) -> Path:
-    """This device's copy, under its own name: simulated nodes on one machine share the model cache."""
+def _base_file(base_id: str) -> Path:
+    """The base's weights as received: the same for every device (the id names the content)."""
+    return cache_root() / "client-bases" / f"{base_id}.pt"
+
+
+def _device_file(owner: str, base_id: str) -> Path:
+    """What this device holds of the base (its version and the FFN weights of the last update), under its own name:
+    simulated devices on one machine share the model cache."""
     return cache_root() / "client-bases" / owner / f"{base_id}.pt"
 
 
@@ -42,18 +48,16 @@ def receive_base(msg: Message, base: ClientBase, lora: LoraSettings, seed: int, 
     current = _BASE.get("current")
     if BASE_MODEL_KEY in msg.content:
         package = ModelPackage.from_record(base.config_json, msg.content[BASE_MODEL_KEY])
-        _store(
-            owner, base.id, {"config_json": package.config_json, "state": dict(package.state), "ffn": {}, "version": 0}
-        )
+        _save(_base_file(base.id), {"config_json": package.config_json, "state": dict(package.state)})
+        _save(_device_file(owner, base.id), {"version": 0, "ffn": {}})
         current = None
     if current is None or current[0] != base.id or (current[1] != base.version and FFN_UPDATE_KEY not in msg.content):
         current = _load_stored(base, lora, seed, owner)  # e.g. another node of this process got an update
     model = current[2]
-    if FFN_UPDATE_KEY in msg.content:
+    if FFN_UPDATE_KEY in msg.content:  # whole FFN tensors: they replace whatever version the model had
         ffn = dict(from_array_record(msg.content[FFN_UPDATE_KEY]))
         _apply_ffn(model, ffn)
-        saved = torch.load(_stored(owner, base.id), weights_only=True)
-        _store(owner, base.id, {**saved, "ffn": ffn, "version": base.version})
+        _save(_device_file(owner, base.id), {"version": base.version, "ffn": ffn})
         current = (base.id, base.version, model)
     if current[1] != base.version:
         raise MissingBaseError(
@@ -64,31 +68,30 @@ def receive_base(msg: Message, base: ClientBase, lora: LoraSettings, seed: int, 
     return model
 
 
-def _store(owner: str, base_id: str, content: dict) -> None:
-    path = _stored(owner, base_id)
+def _save(path: Path, content: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")  # simulated nodes on one machine share the cache
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")  # an atomic replace: readers never see half a file
     torch.save(content, temporary)
     temporary.replace(path)
 
 
 def _load_stored(base: ClientBase, lora: LoraSettings, seed: int, owner: str) -> tuple[str, int, PeftModel]:
-    path = _stored(owner, base.id)
-    if not path.exists():
+    weights, held = _base_file(base.id), _device_file(owner, base.id)
+    if not (weights.exists() and held.exists()):
         raise MissingBaseError(
-            f"{MISSING_BASE}: this device has no copy of base model {base.id} (looked in {path}); the server "
-            "sends it again with the next round this device is sampled in"
+            f"{MISSING_BASE}: this device has no copy of base model {base.id} (looked in {held} and {weights}); the "
+            "server sends it again with the next round this device is sampled in"
         )
-    saved = torch.load(path, weights_only=True)
+    saved, state = torch.load(weights, weights_only=True), torch.load(held, weights_only=True)
     model = ModelPackage(saved["config_json"], saved["state"]).build()
     LOAD_COUNTS[base.id] += 1
     spec = LoraSpec.from_settings(lora)
     if base.lora_r is not None:  # the algorithm rescaled the run's LoRA on this base (FedOT)
         spec = dataclasses.replace(spec, r=base.lora_r, alpha=base.lora_alpha)
     peft_model = lora_classifier(model, spec, seed, layers=list(base.lora_layers) if base.lora_layers else None)
-    if saved["ffn"]:
-        _apply_ffn(peft_model, saved["ffn"])
-    return base.id, int(saved["version"]), peft_model
+    if state["ffn"]:
+        _apply_ffn(peft_model, state["ffn"])
+    return base.id, int(state["version"]), peft_model
 
 
 def _apply_ffn(model: PeftModel, ffn: dict[str, torch.Tensor]) -> None:

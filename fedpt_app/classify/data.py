@@ -15,7 +15,7 @@ import csv
 import functools
 import importlib.util
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,8 +54,12 @@ class ClassificationSplits:
 
     @property
     def kind(self) -> str:
-        """What the rows hold: "text" or "image"."""
-        return "image" if "image" in self.train[0] else "text"
+        return rows_kind(self.train)
+
+
+def rows_kind(rows: Sequence[dict]) -> str:
+    """What validated rows hold: "text" or "image"."""
+    return "image" if rows and "image" in rows[0] else "text"
 
 
 def _rotten_tomatoes() -> tuple[list[dict], tuple[str, ...]]:
@@ -148,12 +152,12 @@ def read_classification_file(path: str, label_names: Sequence[str] | None = None
 
 
 def _label_index(label: object, label_names: Sequence[str], where: str) -> int:
-    """The index of a label (a name, or an index) among the run's label names."""
-    if isinstance(label, int) and not isinstance(label, bool):
-        if 0 <= label < len(label_names):
-            return label
-    elif str(label).strip() in label_names:
+    """The index of a label among the run's label names: by name first (names may be digits, "1", "2", ...), else
+    an integer label is an index."""
+    if str(label).strip() in label_names:
         return list(label_names).index(str(label).strip())
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(label_names):
+        return label
     raise DatasetError(f"{where}: label {label!r} is not one of the run's labels {tuple(label_names)}")
 
 
@@ -189,6 +193,10 @@ def load_classification_splits(
         test_rows = None
     if test_dataset:  # mapped by label name onto the dataset's labels
         test_rows, _ = read_classification_file(test_dataset, names)
+        if rows_kind(test_rows) != rows_kind(rows):
+            raise DatasetError(
+                f"test-dataset {test_dataset} holds {rows_kind(test_rows)}s, dataset {dataset} {rows_kind(rows)}s"
+            )
     rows = _shuffled(rows, seed)
     held = max(1, int(len(rows) * test_fraction))
     if test_rows is None:
@@ -206,12 +214,7 @@ def training_rows(spec: PartitionSpec) -> tuple[dict, ...]:
 
 # ---- batching ------------------------------------------------------------------------------
 def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch with attention mask and labels; images stacked as they are."""
-    if "pixel_values" in examples[0]:
-        return {
-            "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-            "labels": torch.tensor([example["label"] for example in examples], dtype=torch.long),
-        }
+    """Right-padded batch with attention mask and labels."""
     width = max(len(example["input_ids"]) for example in examples)
     batch = {
         "input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
@@ -230,10 +233,16 @@ def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tens
 
 
 def batches(
-    examples: Sequence[dict], batch_size: int, pad_token_id: int, generator: torch.Generator | None = None
+    examples: Sequence[dict],
+    batch_size: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    collate_batch: Callable[[Sequence[dict]], dict[str, torch.Tensor]] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches in a shuffled order (given a generator) or in order."""
+    """Batches in a shuffled order (given a generator) or in order; padded token ids unless `collate_batch` makes
+    the batch (images are processed batch by batch)."""
     order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
     order = list(order)
     for start in range(0, len(order), batch_size):
-        yield collate([examples[index] for index in order[start : start + batch_size]], pad_token_id)
+        chunk = [examples[index] for index in order[start : start + batch_size]]
+        yield collate_batch(chunk) if collate_batch else collate(chunk, pad_token_id)

@@ -4,6 +4,7 @@ server sent (fedpt_app.classify.base_store), counting APoZ first on FedPFT's ali
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
@@ -12,8 +13,8 @@ from peft import PeftModel
 from fedpt_app.classify.base_store import receive_base
 from fedpt_app.classify.compression.apoz import count_zero_activations
 from fedpt_app.classify.compression.ffn import find_ffns
-from fedpt_app.classify.data import batches, read_classification_file, training_rows
-from fedpt_app.classify.inputs import model_inputs
+from fedpt_app.classify.data import read_classification_file, rows_kind, training_rows
+from fedpt_app.classify.inputs import check_inputs_match, model_inputs
 from fedpt_app.config import ClassifyConfig, RunConfig
 from fedpt_app.device.node import Node, local_seed
 from fedpt_app.device.partition import PartitionSpec, node_source, source_rows
@@ -33,15 +34,14 @@ def _local_examples(
     of a device's own data file are mapped by name onto the run's `label_names`."""
     rows = source_rows(source, partition_id, lambda path: read_classification_file(path, label_names)[0], training_rows)
     inputs = model_inputs(model_ref)
+    check_inputs_match(inputs, rows_kind(rows), source if isinstance(source, str) else source.dataset)
     return tuple(inputs.encode(rows, max_length)), inputs.count_truncated(rows, max_length)
 
 
-def _count_apoz(
-    model: PeftModel, examples, classify: ClassifyConfig, batch_size: int, pad_token_id: int
-) -> ArrayRecord:
+def _count_apoz(model: PeftModel, classify: ClassifyConfig, batches: Iterable[dict]) -> ArrayRecord:
     """Zero-activation counts of the compressed layers' neurons on local data (before this round's training)."""
     layers = classify.compressed_layer_indices(len(find_ffns(model)))
-    counts, tokens = count_zero_activations(model, layers, batches(examples, batch_size, pad_token_id))
+    counts, tokens = count_zero_activations(model, layers, batches)
     return ArrayRecord(
         {
             **{f"layer-{layer}": Array(counts[layer].numpy()) for layer in layers},
@@ -59,7 +59,7 @@ def train(msg: Message, context: Context, config: RunConfig) -> Message:
     if round_config.base is None:
         raise ProtocolError("A classify round config names no base model (base-id)")
     foundation_model, training = config.classify.foundation_model, config.training
-    pad_token_id = model_inputs(foundation_model).pad_token_id
+    inputs = model_inputs(foundation_model)
     if round_config.label_names is None:
         raise ProtocolError("A classify round config names no labels (label-names)")
     examples, truncated = _local_examples(
@@ -69,16 +69,16 @@ def train(msg: Message, context: Context, config: RunConfig) -> Message:
     load_adapter_state(model, from_array_record(msg.content[ARRAYS_KEY]))
     records = {}
     if round_config.count_apoz:
-        records[APOZ_KEY] = _count_apoz(model, examples, config.classify, training.batch_size, pad_token_id)
+        records[APOZ_KEY] = _count_apoz(model, config.classify, inputs.batches(examples, training.batch_size))
     server_round = round_config.server_round
     result = train_lora(
         model,
         examples,
-        batches,
+        inputs.batches,
         epochs=training.local_epochs,
         lr=round_config.lr,
         batch_size=training.batch_size,
-        pad_token_id=pad_token_id,
+        pad_token_id=inputs.pad_token_id,
         seed=local_seed(config.seed, server_round, node.index),
         max_steps=config.local_step_cap(),
         description=f"client {node.index} round {server_round}",

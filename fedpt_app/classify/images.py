@@ -38,15 +38,19 @@ def load_image_rows(ref: str) -> tuple[list[dict], list[dict] | None, tuple[str,
     dataset = _load(ref)
     train_split = "train" if "train" in dataset else next(iter(dataset))
     image_column, label_column, names = _columns(dataset[train_split], ref)
-    test_split = next((split for split in ("test", "validation") if split in dataset and split != train_split), None)
 
     def rows(split: str) -> list[dict]:
+        """Labelled rows only: hub test splits often hide their labels as -1."""
+        if label_column not in dataset[split].column_names:
+            return []
         return [
             {"image": record[image_column].convert("RGB"), "label": int(record[label_column])}
             for record in dataset[split]
+            if int(record[label_column]) >= 0
         ]
 
-    return rows(train_split), rows(test_split) if test_split else None, names
+    held_out = (rows(split) for split in ("test", "validation") if split in dataset and split != train_split)
+    return rows(train_split), next((split for split in held_out if split), None), names
 
 
 def read_image_folder(path: str, label_names: Sequence[str]) -> list[dict]:

@@ -1,24 +1,35 @@
 """How a foundation model reads its inputs: text through its tokenizer, images through its image processor.
 
-`model_inputs(model_ref)` picks by the model's config: a vision model (its config has `num_channels` and
-`image_size`, as ViT, DeiT, BEiT and Swin have) reads images, any other model text. Both turn validated rows into
-examples that `data.batches` stacks for training, evaluation, alignment and APoZ counting.
+`model_inputs(model_ref)` picks by the model's config: a model type transformers classifies images with (ViT, DeiT,
+BEiT, Swin, ...) reads images, any other model text. Both turn validated rows into
+examples, and examples into batches for training, evaluation, alignment and APoZ counting: token ids are encoded once
+and padded per batch; images stay images until their batch is processed (pixel values of a whole dataset would
+take gigabytes).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
 from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
+from fedpt_app.classify.data import batches
 from fedpt_app.datafiles import DatasetError
 from fedpt_app.models.loading import ModelLoadError, load_tokenizer, resolve_model_ref
 
 
 def is_vision_config(config: PretrainedConfig) -> bool:
-    return hasattr(config, "num_channels") and hasattr(config, "image_size")
+    """A model transformers classifies images with (ViT, DeiT, BEiT, Swin, ConvNeXt, ...)."""
+    return config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,12 @@ class TextInputs:
         """The most positions one example takes in the model (bounds a client's APoZ token count)."""
         return max_length
 
+    def batches(
+        self, examples: Sequence[dict], batch_size: int, pad_token_id: int | None = None, generator=None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Right-padded batches (the signature of `training.Batches`; the padding id is the tokenizer's)."""
+        return batches(examples, batch_size, self.pad_token_id, generator)
+
 
 @dataclass(frozen=True)
 class ImageInputs:
@@ -58,21 +75,31 @@ class ImageInputs:
     pad_token_id = 0  # images are not padded
 
     def encode(self, rows: Sequence[dict], max_length: int) -> list[dict]:
-        """Pixel values per row, resized and normalized by the model's image processor (max_length is for text)."""
-        pixels = _image_processor(self.model_ref)(images=[row["image"] for row in rows], return_tensors="pt")
-        return [
-            {"pixel_values": pixels["pixel_values"][index], "label": int(row["label"])}
-            for index, row in enumerate(rows)
-        ]
+        """The images themselves (max_length is for text): the processor runs per batch."""
+        return [{"image": row["image"], "label": int(row["label"])} for row in rows]
+
+    def batches(
+        self, examples: Sequence[dict], batch_size: int, pad_token_id: int | None = None, generator=None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of pixel values, resized and normalized by the model's image processor."""
+        return batches(examples, batch_size, 0, generator, collate_batch=self.pixels)
+
+    def pixels(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        processed = _image_processor(self.model_ref)(
+            images=[example["image"] for example in examples], return_tensors="pt"
+        )
+        labels = torch.tensor([example["label"] for example in examples], dtype=torch.long)
+        return {"pixel_values": processed["pixel_values"], "labels": labels}
 
     def count_truncated(self, rows: Sequence[dict], max_length: int) -> int:
         return 0
 
     def tokens_per_example(self, max_length: int) -> int:
-        """Patches plus class (and distillation) tokens."""
+        """Patches plus class (and distillation) tokens: (image size / patch size) per side, squared, plus 2; a
+        model without patches (a CNN) counts its input pixels."""
         config = AutoConfig.from_pretrained(resolve_model_ref(self.model_ref))
-        patch = getattr(config, "patch_size", 1)
-        return (config.image_size // patch) ** 2 + 2
+        size, patch = _pair(getattr(config, "image_size", 224)), _pair(getattr(config, "patch_size", 1))
+        return math.prod(side // step for side, step in zip(size, patch, strict=True)) + 2
 
 
 @functools.cache

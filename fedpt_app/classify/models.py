@@ -129,7 +129,9 @@ def lora_classifier(
     transformer blocks (FedOT's adapter)."""
     targets = list(spec.target_modules) if spec.target_modules else None
     if is_vision_config(model.config):  # peft's sequence-classification task would pass input_ids to the model
-        head = next(name for name in ("classifier", "head") if hasattr(model, name))
+        head = next((name for name in ("classifier", "head") if hasattr(model, name)), None)
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no 'classifier' or 'head' module for the task head")
         task = {"task_type": None, "modules_to_save": [head], "target_modules": targets or _vision_attention(model)}
     else:
         task = {"task_type": "SEQ_CLS", "target_modules": targets}

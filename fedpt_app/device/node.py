@@ -6,6 +6,7 @@ a `name` and a `model-cache` folder, from `--node-config`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -52,7 +53,8 @@ class Node:
     def storage_key(self) -> str:
         """The folder name of this node's own files in a model cache (simulated nodes share one)."""
         key = self.name or (f"partition-{self.partition_id}" if self.partition_id is not None else "device")
-        return re.sub(r"[^A-Za-z0-9_-]", "_", key)  # a name is not a path
+        readable = re.sub(r"[^A-Za-z0-9_-]", "_", key)  # a name is not a path
+        return readable if readable == key else f"{readable}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
     @property
     def index(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,19 +44,41 @@ class Entry:
 
 
 def parse_entries(spec: str | Sequence[str]) -> list[Entry]:
-    """`a,b[key=value key=value],...` (commas inside brackets belong to the overrides)."""
-    parts = re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?", spec) if isinstance(spec, str) else list(spec)
-    entries = []
-    for part in (part.strip() for part in parts if part.strip()):
-        match = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", part)
-        if match is None or match.group(1) not in ALGORITHMS:
-            raise ConfigError(
-                f"Unknown algorithm entry {part!r}; write ALGORITHM or ALGORITHM[key=value ...], from {names()}"
-            )
-        entries.append(Entry(part, match.group(1), (match.group(2) or "").strip()))
+    """`a,b[key=value key=value],...` (commas inside brackets belong to the overrides); every override is a
+    key=value pair (the keys are checked with the whole config before any run starts)."""
+    entries = [_entry(part.strip()) for part in (_split(spec) if isinstance(spec, str) else spec) if part.strip()]
     if len({entry.folder for entry in entries}) != len(entries):
         raise ConfigError(f"--algorithms names an entry twice: {[entry.label for entry in entries]}")
     return entries
+
+
+def _split(spec: str) -> list[str]:
+    parts, current, depth = [], "", 0
+    for char in spec:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise ConfigError(f"Unbalanced brackets in --algorithms {spec!r}")
+        if char == "," and depth == 0:
+            parts, current = [*parts, current], ""
+        else:
+            current += char
+    if depth:
+        raise ConfigError(f"Unbalanced brackets in --algorithms {spec!r}")
+    return [*parts, current]
+
+
+def _entry(part: str) -> Entry:
+    match = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", part)
+    if match is None or match.group(1) not in ALGORITHMS:
+        raise ConfigError(
+            f"Unknown algorithm entry {part!r}; write ALGORITHM or ALGORITHM[key=value ...], from {names()}"
+        )
+    overrides = (match.group(2) or "").strip()
+    tokens = shlex.split(overrides) if overrides else []
+    bad = [token for token in tokens if not re.fullmatch(r"[\w-]+=.+", token)]
+    if (match.group(2) is not None and not tokens) or bad:
+        raise ConfigError(f"{part!r}: the overrides in brackets must be key=value pairs, got {bad or overrides!r}")
+    return Entry(part, match.group(1), overrides)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -61,7 +61,9 @@ def export_run(run: Path, out: Path, merge: bool = False) -> dict[str, str]:
 def merge_adapter(base: str, adapter: Path, destination: Path, config: RunConfig, summary: dict) -> Path:
     import torch
     from peft import PeftModel
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM
+
+    from fedpt_app.models.loading import load_tokenizer
 
     vision = False
     if config.family.name == CLASSIFY:
@@ -82,11 +84,9 @@ def merge_adapter(base: str, adapter: Path, destination: Path, config: RunConfig
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    preprocessor = (AutoImageProcessor if vision else AutoTokenizer).from_pretrained(base)
-    if (
-        not vision and getattr(merged.config, "pad_token_id", None) is None
-    ):  # a decoder classifier needs one (as in training)
-        merged.config.pad_token_id = preprocessor.pad_token_id or preprocessor.eos_token_id
+    preprocessor = AutoImageProcessor.from_pretrained(base) if vision else load_tokenizer(base)  # as in training
+    if not vision and getattr(merged.config, "pad_token_id", None) is None:  # a decoder classifier needs one
+        merged.config.pad_token_id = preprocessor.pad_token_id
     merged.save_pretrained(destination, safe_serialization=True)
     preprocessor.save_pretrained(destination)
     return destination

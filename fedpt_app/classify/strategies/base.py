@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Message
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from fedpt_app.classify.data import batches, load_classification_splits
+from fedpt_app.classify.data import load_classification_splits
 from fedpt_app.classify.evaluation import accuracy
 from fedpt_app.classify.inputs import check_inputs_match, model_inputs
 from fedpt_app.classify.models import ModelPackage, load_classifier, lora_classifier
@@ -69,7 +69,7 @@ class ClassifyStrategy(FederatedStrategy):
         config, data, classify = self.config, self.config.data, self.config.classify
         return {
             "data": content_key(data.dataset),
-            "test_data": content_key(data.test_dataset),  # a separate test set leaves more rows for the public split
+            "test_data": content_key(data.test_dataset),  # a separate test set changes which rows are public
             "test_fraction": data.test_fraction,
             "public": len(self.public_examples),
             "max_length": config.training.max_length,
@@ -84,7 +84,7 @@ class ClassifyStrategy(FederatedStrategy):
         """Endless shuffled batches of the public (unlabeled) inputs, seeded by the round."""
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + server_round)
         return itertools.chain.from_iterable(
-            batches(self.public_examples, self.config.classify.align_batch_size, self.inputs.pad_token_id, generator)
+            self.inputs.batches(self.public_examples, self.config.classify.align_batch_size, generator=generator)
             for _ in itertools.count()
         )
 
@@ -153,7 +153,7 @@ class ClassifyStrategy(FederatedStrategy):
         for msg in usable:  # a usable reply was trained on the base we sent: the client holds it now
             self.holders[identities[msg.metadata.src_node_id]] = self.base_version
         for msg in errors:  # a device that lost its base (a wiped cache, a new disk) gets it again next time
-            if MISSING_BASE in msg.error.reason:
+            if MISSING_BASE in (msg.error.reason or ""):
                 self.holders.pop(identities.get(msg.metadata.src_node_id, ""), None)
 
     def server_state(self) -> dict[str, torch.Tensor]:
@@ -165,12 +165,7 @@ class ClassifyStrategy(FederatedStrategy):
 
     # ---- evaluation and results --------------------------------------------------------------------------
     def _accuracy(self, model: PeftModel) -> float:
-        return accuracy(
-            model,
-            self.test_examples,
-            batch_size=self.config.evaluation.eval_batch_size,
-            pad_token_id=self.inputs.pad_token_id,
-        )
+        return accuracy(model, self.inputs.batches(self.test_examples, self.config.evaluation.eval_batch_size))
 
     def evaluate_models(self, server_round: int, state: State) -> dict[str, float]:
         """accuracy_full: the adapter and head plugged into the full FM; accuracy_sub: on the clients' base."""

@@ -1,10 +1,9 @@
 """How a foundation model reads its inputs: text through its tokenizer, images through its image processor.
 
 `model_inputs(model_ref)` picks by the model's config: a model type transformers classifies images with (ViT, DeiT,
-BEiT, Swin, ...) reads images, any other model text. Both turn validated rows into
-examples, and examples into batches for training, evaluation, alignment and APoZ counting: token ids are encoded once
-and padded per batch; images stay images until their batch is processed (pixel values of a whole dataset would
-take gigabytes).
+BEiT, Swin, ...) reads images, any other model text. Both turn validated rows into examples, and examples into
+batches for training, evaluation, alignment and APoZ counting: token ids are encoded once and padded per batch;
+images stay images until their batch is processed (the pixel values of a whole dataset would take gigabytes).
 """
 
 from __future__ import annotations

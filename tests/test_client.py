@@ -54,7 +54,8 @@ def _context(tiny_model_dir, node_config):
 def test_a_device_trains_on_its_own_data_file_and_uses_its_model_cache(
     tiny_model_dir, instruction, tmp_path, monkeypatch
 ):
-    monkeypatch.delenv("FEDPT_CACHE", raising=False)
+    # set first so that monkeypatch restores the caller's FEDPT_CACHE after the device overwrites it
+    monkeypatch.setenv("FEDPT_CACHE", str(tmp_path / "before"))
     rows = [
         {"instruction": f"Say {word}.", "context": "", "response": word, "category": "echo"}
         for word in ("red", "green", "blue")

@@ -25,6 +25,9 @@ ROWS = [
 
 
 def test_every_tracker_receives_the_rows_and_the_summary(tmp_path, monkeypatch):
+    started_in = tmp_path / "started-in"  # nothing may land in the folder the run started from
+    started_in.mkdir()
+    monkeypatch.chdir(started_in)
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     log = MetricsLog(
@@ -54,6 +57,8 @@ def test_every_tracker_receives_the_rows_and_the_summary(tmp_path, monkeypatch):
         (2, 35.0),
     ]
     assert run.data.params["lr"] == "0.003"
+    assert json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text())
+    assert list(started_in.iterdir()) == [] and any((tmp_path / "mlflow-artifacts").rglob("summary.json"))
 
     # W&B offline: the run file holds wandb's protobuf records (wandb 0.31 ships no Python reader of it; `wandb sync`
     # uploads it), read here with wandb's own record schema

@@ -3,8 +3,8 @@ the summary at the end. Offline by default, into the run's output folder:
 
 - `tensorboard`: event files in `<output-dir>/tensorboard/` (`tensorboard --logdir <output-dir>/tensorboard`);
 - `wandb`: an offline run in `<output-dir>/wandb/` (`wandb sync` uploads it; `WANDB_MODE=online` logs live);
-- `mlflow`: a SQLite store `<output-dir>/mlflow.db` (`mlflow ui --backend-store-uri sqlite:///.../mlflow.db`;
-  `MLFLOW_TRACKING_URI` points elsewhere).
+- `mlflow`: a SQLite store `<output-dir>/mlflow.db` with its artifacts in `<output-dir>/mlflow-artifacts/`
+  (`mlflow ui --backend-store-uri sqlite:///.../mlflow.db`; `MLFLOW_TRACKING_URI` points elsewhere).
 
 Each metrics row is logged at step = round: its numeric fields as scalars (lists and strings stay in
 metrics.jsonl). The libraries are imported only when asked for.
@@ -83,7 +83,12 @@ class MlflowTracker:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{output_dir / 'mlflow.db'}"))
+        if "MLFLOW_TRACKING_URI" in os.environ:
+            mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        else:  # artifacts beside the store: MLflow's default is ./mlruns in whatever folder the run started from
+            mlflow.set_tracking_uri(f"sqlite:///{output_dir / 'mlflow.db'}")
+            if mlflow.get_experiment_by_name(PROJECT) is None:
+                mlflow.create_experiment(PROJECT, artifact_location=(output_dir / "mlflow-artifacts").as_uri())
         mlflow.set_experiment(PROJECT)
         self.run = mlflow.start_run(run_name=output_dir.name)
         mlflow.log_params({key: str(value) for key, value in run_config.items()})

@@ -144,17 +144,13 @@ def _cell(stats: dict | None, fmt: str = "{:.1f}") -> str:
 
 def markdown_table(summary: dict, family: str) -> str:
     columns = [f"{metric}_{model}" for metric in METRICS[family] for model in MODELS[family]]
-    header = [*columns, "KB per client per round", "client peak RSS MB", "run seconds"]
-    lines = [
-        f"| algorithm (n = {len(summary['seeds'])} seeds) | " + " | ".join(header) + " |",
-        "|---" * (len(header) + 1) + "|",
-    ]
+    header = ["seeds", *columns, "KB per client per round", "client peak RSS MB", "run seconds"]
+    lines = ["| algorithm | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     if summary["untuned"]:
-        lines.append(
-            "| untuned (round 0) | " + " | ".join(_cell(summary["untuned"].get(c)) for c in columns) + " | - | - | - |"
-        )
+        untuned = [_cell(summary["untuned"].get(c)) for c in columns]
+        lines.append("| untuned (round 0) | " + " | ".join(["-", *untuned]) + " | - | - | - |")
     for name, entry in summary["algorithms"].items():
-        cells = [_cell(entry.get(c)) for c in columns]
+        cells = [str(entry["run_seconds"]["n"])] + [_cell(entry.get(c)) for c in columns]
         cells += [
             _cell(entry["kb_per_client_round"]),
             _cell(entry["client_peak_rss_mb"], "{:.0f}"),

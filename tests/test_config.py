@@ -107,3 +107,12 @@ def test_every_algorithm_has_exactly_one_strategy_class():
 def test_secure_aggregation_and_dp_together_are_refused():
     with pytest.raises(ConfigError, match="cannot be combined"):
         RunConfig.from_mapping({"secure-aggregation": True, "dp-mode": "client"})
+
+
+def test_a_relative_output_root_is_made_absolute_where_the_command_starts(tmp_path, monkeypatch):
+    from fedpt_app.config import default_output_root
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDPT_OUTPUT_ROOT", "runs")
+    assert default_output_root() == tmp_path / "runs"
+    assert RunConfig.from_mapping({}).output_path().is_relative_to(tmp_path / "runs")

@@ -47,6 +47,14 @@ def test_an_image_folder_has_labels_by_folder_and_a_devices_folder_maps_by_name(
         read_classification_file(str(stranger), ("cat", "dog"))
 
 
+def test_a_test_folder_with_splits_is_read_from_its_test_split(tmp_path):
+    _image_folder(tmp_path / "split" / "train", {"cat": 3, "dog": 3})
+    _image_folder(tmp_path / "split" / "test", {"cat": 1, "dog": 1})
+    train_rows, names = read_classification_file(str(tmp_path / "split"), ("cat", "dog"))
+    test_rows, _ = read_classification_file(str(tmp_path / "split"), ("cat", "dog"), held_out=True)
+    assert (len(train_rows), len(test_rows)) == (6, 2)
+
+
 def test_hub_style_data_files_find_their_image_and_label_columns(tmp_path):
     """A local stand-in for a hub image dataset: parquet files with an Image and a ClassLabel column, as
     `datasets` writes them (`img` and `label`, as in uoft-cs/cifar10), with a test split."""

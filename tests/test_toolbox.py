@@ -125,6 +125,24 @@ def _hand_epsilon(noise_multiplier: float, steps: int, delta: float) -> float:
     return best
 
 
+def test_a_resumed_runs_tensorboard_shows_each_round_once_without_the_discarded_ones(tmp_path):
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsLog(tmp_path, {}, report_to=("tensorboard",))
+    for number in range(4):  # rounds 2 and 3 after the last checkpoint, which was round 1
+        first.append({"round": number, "train_loss": float(number)}, num_rounds=4)
+    first.write_summary({})
+    time.sleep(1.1)  # event files are named by the second they start in
+    resumed = MetricsLog(tmp_path, {}, keep_rounds_upto=1, report_to=("tensorboard",))
+    resumed.append({"round": 2, "train_loss": 20.0}, num_rounds=4)
+    resumed.write_summary({})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [(0, 0.0), (1, 1.0), (2, 20.0)]
+
+
 def test_the_budget_spends_what_the_rdp_accountant_computes():
     budget = PrivacyBudget(PrivacyConfig(dp_mode="server", dp_noise_multiplier=1.0, dp_delta=1e-5))
     assert budget.epsilon() == 0.0
@@ -149,6 +167,24 @@ def test_a_plan_over_the_target_is_refused_and_a_round_over_it_stops_the_run():
         budget.check_round(3, 1.0)
     with pytest.raises(ConfigError, match="dp-target-epsilon"):
         RunConfig.from_mapping({"dp-target-epsilon": 1.0})  # no DP: no target
+
+
+def test_the_preflight_plans_privacy_at_the_rate_the_nodes_give():
+    """fraction-train=0.5 of 2 nodes with min-train-nodes=2 samples both: q = 1, and 4 rounds pass ε = 8."""
+    config = RunConfig.from_mapping(
+        {
+            "num-server-rounds": 4,
+            "fraction-train": 0.5,
+            "min-train-nodes": 2,
+            "dp-mode": "server",
+            "dp-noise-multiplier": 1.0,
+            "dp-target-epsilon": 8.0,
+        }
+    )
+    preflight(config)  # the node count unknown: q = fraction-train = 0.5, ε = 7.41
+    preflight(config, num_nodes=4)  # 2 of 4: q = 0.5
+    with pytest.raises(ConfigError, match="4 rounds at sampling rate 1 "):
+        preflight(config, num_nodes=2)
 
 
 def test_the_quiet_terminal_keeps_the_apps_lines_and_errors_only():
@@ -204,3 +240,19 @@ def test_compare_entries_are_algorithms_or_variants_with_their_own_overrides():
     for typo in ("fedpft[align-before = false]", "fedpft[no-align]", "fedpft[]", "fedpft]", "fedpft[lr=1"):
         with pytest.raises(ConfigError, match="key=value|Unbalanced|Unknown"):
             parse_entries(typo)
+
+
+def test_a_variants_override_replaces_the_shared_one_and_compares_own_keys_are_refused(tmp_path):
+    from fedpt_app.tools.compare import parse_entries, run_overrides
+    from fedpt_app.tools.simulation import validate_overrides
+
+    (variant,) = parse_entries("fedpft[local-steps=0 lora-target-modules='query value']")
+    overrides = run_overrides("preset='minilm-rt' local-steps=100 lr=0.002", variant, 2, tmp_path)
+    config = validate_overrides(overrides)  # a key given twice would be a TOML error
+    assert (config.training.local_steps, config.training.lr, config.seed) == (0, 0.002, 2)
+    assert config.lora.target_modules == "query value"
+    assert config.output_path() == tmp_path / variant.folder / "seed2"
+    with pytest.raises(ConfigError, match="compare sets"):
+        parse_entries("fedpft[seed=3]")
+    with pytest.raises(ConfigError, match="--run-config 'lr=1 lr=2'"):
+        validate_overrides("lr=1 lr=2")

@@ -123,11 +123,14 @@ def _number_labels(rows: list[dict], where: str) -> tuple[list[dict], tuple[str,
     return [{**row, "label": names.index(str(row["label"]).strip())} for row in rows], tuple(names)
 
 
-def read_classification_file(path: str, label_names: Sequence[str] | None = None) -> tuple[list[dict], tuple[str, ...]]:
+def read_classification_file(
+    path: str, label_names: Sequence[str] | None = None, held_out: bool = False
+) -> tuple[list[dict], tuple[str, ...]]:
     """Rows of a local .jsonl or .csv file, or of an image folder; a bad row is an error naming file:line. With the
     run's `label_names` (a device's own data file, a separate test file) every label is mapped by name onto them, so
     a file that uses another order, or only some of the labels, still means what the server means; without, the
-    file's own label names are numbered in sorted order."""
+    file's own label names are numbered in sorted order. `held_out`: an image folder with splits gives its test
+    split."""
     file = Path(path).expanduser()
     if not file.exists():
         raise DatasetError(f"Classification data file {path} does not exist")
@@ -135,7 +138,7 @@ def read_classification_file(path: str, label_names: Sequence[str] | None = None
         if label_names is None:
             rows, _, names = load_image_rows(path)
             return rows, names
-        return read_image_folder(path, label_names), tuple(label_names)
+        return read_image_folder(path, label_names, held_out), tuple(label_names)
     if file.suffix not in (".jsonl", ".csv"):
         raise DatasetError(f"{path}: expected a .jsonl or .csv file with columns text[, text_pair], label")
     located = [
@@ -192,7 +195,7 @@ def load_classification_splits(
         rows, names = read_classification_file(dataset)
         test_rows = None
     if test_dataset:  # mapped by label name onto the dataset's labels
-        test_rows, _ = read_classification_file(test_dataset, names)
+        test_rows, _ = read_classification_file(test_dataset, names, held_out=True)
         if rows_kind(test_rows) != rows_kind(rows):
             raise DatasetError(
                 f"test-dataset {test_dataset} holds {rows_kind(test_rows)}s, dataset {dataset} {rows_kind(rows)}s"

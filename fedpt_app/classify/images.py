@@ -53,9 +53,11 @@ def load_image_rows(ref: str) -> tuple[list[dict], list[dict] | None, tuple[str,
     return rows(train_split), next((split for split in held_out if split), None), names
 
 
-def read_image_folder(path: str, label_names: Sequence[str]) -> list[dict]:
-    """A local image folder (one sub-folder per label), its labels mapped by name onto the run's `label_names`."""
-    rows, _, names = load_image_rows(path)
+def read_image_folder(path: str, label_names: Sequence[str], held_out: bool = False) -> list[dict]:
+    """A local image folder (one sub-folder per label), its labels mapped by name onto the run's `label_names`;
+    `held_out` (a test set) reads its test or validation split where it has one."""
+    rows, test_rows, names = load_image_rows(path)
+    rows = test_rows if held_out and test_rows else rows
     unknown = sorted(set(names) - set(label_names))
     if unknown:
         raise DatasetError(f"{path}: labels {unknown} are not among the run's labels {tuple(label_names)}")

@@ -193,7 +193,7 @@ def _build_section(section: type[Section], raw: Mapping[str, Any]) -> Section:
 
 
 def default_output_root() -> Path:
-    return Path(os.environ.get("FEDPT_OUTPUT_ROOT", Path.home() / "fedpt-app-runs"))
+    return Path(os.environ.get("FEDPT_OUTPUT_ROOT", Path.home() / "fedpt-app-runs")).expanduser().absolute()
 
 
 def _coerce(key: str, value: Any, type_name: str) -> Any:

@@ -43,7 +43,9 @@ class TensorBoardTracker:
     def __init__(self, output_dir: Path, run_config: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        # purge_step=0: every start logs the run's rows from round 0 (a resume replays its completed rounds), so the
+        # events of an earlier start, rounds a resume discarded included, are superseded instead of duplicated
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=0)
         self.writer.add_text("config", f"```\n{json.dumps(run_config, indent=2)}\n```")
 
     def log(self, row: dict[str, Any], step: int) -> None:

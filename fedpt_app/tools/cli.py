@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedpt_app import algorithms
-from fedpt_app.config import QUANTIZATIONS, ConfigError, RunConfig
+from fedpt_app.config import QUANTIZATIONS, ConfigError, RunConfig, default_output_root
 
 if TYPE_CHECKING:
     from fedpt_app.tools.simulation import SimulationOutcome
@@ -31,20 +31,20 @@ def simulate(args: argparse.Namespace) -> int:
     """`flwr run . --stream` on simulated clients; exit status 0 only if the run completed."""
     from fedpt_app.tools.simulation import run_simulation
 
-    config = checked_config(args.run_config)
+    config = checked_config(args.run_config, num_nodes=args.num_supernodes)
     outcome = run_simulation(
         args.run_config, num_supernodes=args.num_supernodes, client_cpus=args.client_cpus, verbose=args.verbose
     )
     return _exit_status(outcome, config)
 
 
-def checked_config(run_config: str) -> RunConfig:
+def checked_config(run_config: str, num_nodes: int | None = None) -> RunConfig:
     """The run's config, validated, with every model and data reference resolved (fedpt_app.tools.preflight)."""
     from fedpt_app.tools.preflight import preflight
     from fedpt_app.tools.simulation import validate_overrides
 
     config = validate_overrides(run_config)
-    preflight(config)
+    preflight(config, num_nodes)
     return config
 
 
@@ -87,7 +87,7 @@ def deploy_local(args: argparse.Namespace) -> int:
     from fedpt_app.tools.deployment import LocalDeployment
 
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="fedpt-deploy-")).resolve()
-    config = checked_config(args.run_config)
+    config = checked_config(args.run_config, num_nodes=args.supernodes)
     with LocalDeployment(work_dir, args.supernodes, secure=not args.insecure) as deployment:
         print(
             f"[fedpt-app] deployment in {work_dir} ({'insecure' if args.insecure else 'TLS + SuperNode auth'}): "
@@ -309,6 +309,8 @@ def _add_generate_command(commands) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "FEDPT_OUTPUT_ROOT" in os.environ:  # absolute here: the ServerApp may start in another folder
+        os.environ["FEDPT_OUTPUT_ROOT"] = str(default_output_root())
     try:
         return args.handler(args)
     except (ConfigError, ValueError, RuntimeError) as error:  # our load/config errors carry the message

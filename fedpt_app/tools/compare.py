@@ -28,6 +28,8 @@ from fedpt_app.tools.simulation import run_simulation, validate_overrides
 SCORE_PREFIXES = ("rouge_l_", "exact_match_", "accuracy_")
 MODELS = {INSTRUCT: ("small", "proxy", "large"), CLASSIFY: ("full", "sub")}
 METRICS = {INSTRUCT: ("rouge_l", "exact_match"), CLASSIFY: ("accuracy",)}
+SET_BY_COMPARE = {"algorithm", "seed", "output-dir"}
+PAIR = re.compile(r"""\s*([\w-]+)=("(?:[^"\\]|\\.)*"|'[^']*'|[^\s"']+)""")  # key=value, a value quoted or bare
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,29 @@ def _entry(part: str) -> Entry:
     bad = [token for token in tokens if not re.fullmatch(r"[\w-]+=.+", token)]
     if (match.group(2) is not None and not tokens) or bad:
         raise ConfigError(f"{part!r}: the overrides in brackets must be key=value pairs, got {bad or overrides!r}")
+    if set(override_pairs(overrides)) & SET_BY_COMPARE:
+        raise ConfigError(f"{part!r}: compare sets {sorted(SET_BY_COMPARE)} itself; leave them out of the brackets")
     return Entry(part, match.group(1), overrides)
+
+
+def override_pairs(run_config: str) -> dict[str, str]:
+    """key -> value as written (quotes kept) of a `--run-config` string; a later pair replaces an earlier one."""
+    matches = list(PAIR.finditer(run_config))
+    if "".join(match.group(0) for match in matches).replace(" ", "") != run_config.replace(" ", ""):
+        raise ConfigError(f"--run-config {run_config!r}: write space-separated key=value pairs")
+    return {match.group(1): match.group(2) for match in matches}
+
+
+def run_overrides(run_config: str, entry: Entry, seed: int, output: Path) -> str:
+    """The shared overrides, then the entry's (a variant's value wins over the shared one), then compare's own."""
+    pairs = {
+        **override_pairs(run_config),
+        **override_pairs(entry.overrides),
+        "algorithm": f"'{entry.algorithm}'",
+        "seed": str(seed),
+        "output-dir": f"'{output / entry.folder / f'seed{seed}'}'",
+    }
+    return " ".join(f"{key}={value}" for key, value in pairs.items())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -176,21 +200,14 @@ def run_comparison(
             f"compare either instruction-tuning algorithms {names(INSTRUCT)} or classification "
             f"ones {names(CLASSIFY)}, not both: they are scored differently"
         )
-    if any(f"{key}=" in run_config for key in ("algorithm", "output-dir", "seed")):
-        raise ConfigError("compare sets 'algorithm', 'seed' and 'output-dir' itself; leave them out of --run-config")
+    if set(override_pairs(run_config)) & SET_BY_COMPARE:
+        raise ConfigError(f"compare sets {sorted(SET_BY_COMPARE)} itself; leave them out of --run-config")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must be distinct integers, got {list(seeds)}")
     output = output.expanduser().resolve()
-    configs = {
-        (entry, seed): (
-            f"{run_config} {entry.overrides} algorithm='{entry.algorithm}' seed={seed} "
-            f"output-dir='{output / entry.folder / f'seed{seed}'}'"
-        )
-        for seed in seeds
-        for entry in entries
-    }
+    configs = {(entry, seed): run_overrides(run_config, entry, seed, output) for seed in seeds for entry in entries}
     for overrides in configs.values():  # check every configuration before the first run starts
-        preflight(validate_overrides(overrides))
+        preflight(validate_overrides(overrides), num_supernodes)
     all_ok = True
     for (entry, seed), overrides in configs.items():
         print(f"[fedpt-app compare] running {entry.label}, seed {seed} -> {output / entry.folder}", flush=True)

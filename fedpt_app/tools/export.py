@@ -42,8 +42,10 @@ def portable_reference(ref: str) -> str:
 
 
 def export_run(run: Path, out: Path, merge: bool = False) -> dict[str, str]:
-    summary, config = read_run(run.expanduser().resolve())
-    out = out.expanduser().resolve()
+    run, out = run.expanduser().resolve(), out.expanduser().resolve()
+    if out == run:
+        raise ConfigError(f"--out {str(out)!r} must not be the run folder {str(run)!r}")
+    summary, config = read_run(run)
     base = portable_reference(summary["adapter_base_model"])
     adapter = out / "adapter"
     shutil.copytree(run / "adapter", adapter, dirs_exist_ok=True)
@@ -72,7 +74,9 @@ def merge_adapter(base: str, adapter: Path, destination: Path, config: RunConfig
 
         base_config = AutoConfig.from_pretrained(base)
         vision = is_vision_config(base_config)
-        labels = summary.get("label_names") or []
+        labels = summary.get("label_names")
+        if not labels:
+            raise ConfigError("--merge needs the run's label names (summary.json of runs before 2026-11-30 lacks them)")
         model = classifier_class(base_config).from_pretrained(
             base,
             num_labels=len(labels),

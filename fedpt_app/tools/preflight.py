@@ -22,7 +22,9 @@ LOCAL_DATA = (".jsonl", ".json", ".csv")
 LOCAL_SETS = ("rotten-tomatoes", "digits")  # classification sets shipped in installed packages
 
 
-def preflight(config: RunConfig) -> None:
+def preflight(config: RunConfig, num_nodes: int | None = None) -> None:
+    """`num_nodes`, where known (simulation), gives the privacy plan the real sampling rate: `fraction-train` of the
+    nodes, at least `min-train-nodes`."""
     if config.family.name == INSTRUCT:
         models = {"small-model": config.instruct.small_model, "large-model": config.instruct.large_model}
     else:
@@ -46,7 +48,11 @@ def preflight(config: RunConfig) -> None:
     if config.privacy.dp_target_epsilon:
         from fedpt_app.federation.privacy import PrivacyBudget
 
-        PrivacyBudget(config.privacy).check_plan(config.federation.num_server_rounds, config.federation.fraction_train)
+        federation = config.federation
+        rate = federation.fraction_train
+        if num_nodes:
+            rate = min(max(int(num_nodes * rate), federation.min_train_nodes), num_nodes) / num_nodes
+        PrivacyBudget(config.privacy).check_plan(federation.num_server_rounds, rate)
 
 
 def _check_dataset(key: str, ref: str, config: RunConfig) -> None:
@@ -73,9 +79,15 @@ def _check_dataset(key: str, ref: str, config: RunConfig) -> None:
 def _check_modality(foundation_model: str, dataset: str) -> None:
     """A vision FM reads image datasets, a text FM text ones (a hub model is checked offline only: its config would
     be downloaded; the ServerApp checks it before building anything)."""
+    from fedpt_app.classify.images import is_image_source
+    from fedpt_app.models.loading import BUILTIN_MODELS, PACKAGED_GGUF
+
+    if foundation_model in BUILTIN_MODELS or foundation_model in PACKAGED_GGUF or foundation_model.endswith(".gguf"):
+        if is_image_source(dataset):  # language models: known without building or dequantizing them
+            raise ConfigError(f"foundation-model={foundation_model!r} reads text; dataset={dataset!r} holds images")
+        return
     if "/" in foundation_model and not Path(foundation_model).expanduser().exists() and not _offline_hub("hub"):
         return
-    from fedpt_app.classify.images import is_image_source
     from fedpt_app.classify.inputs import check_inputs_match, model_inputs
 
     try:

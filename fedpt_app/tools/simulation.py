@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+import click
 import tomllib
 from flwr.common.config import parse_config_args
 
-from fedpt_app.config import RunConfig
+from fedpt_app.config import ConfigError, RunConfig
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]  # the app: pyproject.toml, server_app.py, client_app.py
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
@@ -48,7 +49,11 @@ def default_run_config(app_dir: Path = PROJECT_DIR) -> dict:
 
 def validate_overrides(run_config: str, app_dir: Path = PROJECT_DIR) -> RunConfig:
     """The config `flwr run` would build from these overrides, validated (raises ConfigError)."""
-    overrides = parse_config_args([run_config]) if run_config.strip() else {}
+    try:
+        overrides = parse_config_args([run_config]) if run_config.strip() else {}
+    except (click.ClickException, ValueError) as error:  # Flower's TOML errors, e.g. a key given twice
+        message = error.format_message() if isinstance(error, click.ClickException) else str(error)
+        raise ConfigError(f"--run-config {run_config!r}: {message}") from None
     return RunConfig.from_mapping({**default_run_config(app_dir), **overrides})
 
 

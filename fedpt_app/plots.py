@@ -29,7 +29,7 @@ def _pyplot():
 def _save(figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")  # an outside legend may be wider than the axes
     figure.clf()
     _pyplot().close(figure)
     return path

@@ -30,6 +30,11 @@ def round_sample(identities: list[str], size: int, seed: int, server_round: int)
     return sorted(rng.sample(sorted(identities), min(size, len(identities))))
 
 
+def sample_size(connected: int, fraction: float, min_nodes: int) -> int:
+    """How many clients a round samples: `fraction` of the connected nodes, at least `min_nodes`."""
+    return max(int(connected * fraction), min_nodes)
+
+
 class ClientSchedule:
     def __init__(self, seed: int, fraction: float, min_nodes: int, timeout: float) -> None:
         self.seed, self.fraction, self.min_nodes, self.timeout = seed, fraction, min_nodes, timeout
@@ -41,7 +46,7 @@ class ClientSchedule:
         connected = self._connected(grid)
         self._learn(grid, connected)
         by_identity = {self.identities[node]: node for node in connected if node in self.identities}
-        size = max(int(len(connected) * self.fraction), self.min_nodes)
+        size = sample_size(len(connected), self.fraction, self.min_nodes)
         chosen = round_sample(list(by_identity), size, self.seed, server_round)
         log(INFO, "configure_train: sampled %d of %d nodes: %s", len(chosen), len(connected), ", ".join(chosen))
         return [by_identity[identity] for identity in chosen], chosen, len(connected)

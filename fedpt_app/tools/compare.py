@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,20 +75,18 @@ def _entry(part: str) -> Entry:
             f"Unknown algorithm entry {part!r}; write ALGORITHM or ALGORITHM[key=value ...], from {names()}"
         )
     overrides = (match.group(2) or "").strip()
-    tokens = shlex.split(overrides) if overrides else []
-    bad = [token for token in tokens if not re.fullmatch(r"[\w-]+=.+", token)]
-    if (match.group(2) is not None and not tokens) or bad:
-        raise ConfigError(f"{part!r}: the overrides in brackets must be key=value pairs, got {bad or overrides!r}")
-    if set(override_pairs(overrides)) & SET_BY_COMPARE:
+    if match.group(2) is not None and not override_pairs(overrides, where=repr(part)):
+        raise ConfigError(f"{part!r}: the overrides in brackets must be key=value pairs, got {overrides!r}")
+    if set(override_pairs(overrides, where=repr(part))) & SET_BY_COMPARE:
         raise ConfigError(f"{part!r}: compare sets {sorted(SET_BY_COMPARE)} itself; leave them out of the brackets")
     return Entry(part, match.group(1), overrides)
 
 
-def override_pairs(run_config: str) -> dict[str, str]:
+def override_pairs(run_config: str, where: str = "--run-config") -> dict[str, str]:
     """key -> value as written (quotes kept) of a `--run-config` string; a later pair replaces an earlier one."""
     matches = list(PAIR.finditer(run_config))
     if "".join(match.group(0) for match in matches).replace(" ", "") != run_config.replace(" ", ""):
-        raise ConfigError(f"--run-config {run_config!r}: write space-separated key=value pairs")
+        raise ConfigError(f"{where} {run_config!r}: write space-separated key=value pairs")
     return {match.group(1): match.group(2) for match in matches}
 
 

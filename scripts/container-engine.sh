@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# A container engine for tests/test_compose_demo.py (run by .ci/run before the tests): Debian's podman serving the
+# Docker API at /run/podman/podman.sock, with runc and docker-compose (v1). Checked on Debian 12 as root:
+# podman's default runtime crun fails there on cgroups and its default ulimits cannot be set, hence the config.
+# Does nothing where a Docker or podman socket already exists; where it cannot install (not root, no apt-get) it
+# says so and exits 0, and the test skips with "no container engine".
+set -uo pipefail
+sockets=(/var/run/docker.sock /run/podman/podman.sock)
+for socket in "${sockets[@]}"; do
+  if [ -S "$socket" ]; then echo "[container-engine] using $socket"; exit 0; fi
+done
+if [ "$(id -u)" != 0 ] || ! command -v apt-get > /dev/null; then
+  echo "[container-engine] none started: installing podman needs root and apt-get"
+  exit 0
+fi
+packages=(podman runc docker-compose debootstrap)
+if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" > /tmp/container-engine-apt.log 2>&1; then
+  apt-get update -q > /dev/null 2>&1
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" > /tmp/container-engine-apt.log 2>&1 ||
+    { echo "[container-engine] apt-get install failed (/tmp/container-engine-apt.log)"; exit 0; }
+fi
+if [ ! -f /etc/containers/containers.conf ]; then
+  mkdir -p /etc/containers
+  printf '[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n' > /etc/containers/containers.conf
+fi
+mkdir -p /run/podman
+nohup podman system service --time=0 unix:///run/podman/podman.sock > /tmp/podman-service.log 2>&1 &
+for _ in $(seq 1 30); do
+  if [ -S /run/podman/podman.sock ]; then echo "[container-engine] podman serving /run/podman/podman.sock"; exit 0; fi
+  sleep 1
+done
+echo "[container-engine] podman did not start (/tmp/podman-service.log)"

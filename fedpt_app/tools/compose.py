@@ -34,7 +34,6 @@ EXECUTOR_IMAGE = "fedpt-app-superexec:latest"
 
 CREDENTIAL_VOLUME = f"credentials:{CREDENTIALS}:ro"
 FLOWER_UID = 49999  # the `app` user of Flower's official images
-INIT_DONE = {"init-volumes": {"condition": "service_completed_successfully"}}
 
 
 def compose_spec(num_supernodes: int) -> dict:
@@ -54,8 +53,9 @@ def compose_spec(num_supernodes: int) -> dict:
 
 def _init_volumes() -> dict:
     """One-shot, as root: the credentials readable (keys private) by Flower's user, the volumes writable by it."""
-    script = (
-        f"cp /host-credentials/* {CREDENTIALS}/ && chown -R {FLOWER_UID}:{FLOWER_UID} {CREDENTIALS} /state /cache"
+    script = (  # everything but the CA's private key
+        f"find /host-credentials -maxdepth 1 -type f ! -name ca.key -exec cp {{}} {CREDENTIALS}/ ';'"
+        f" && chown -R {FLOWER_UID}:{FLOWER_UID} {CREDENTIALS} /state /cache"
         f" && chmod 600 {CREDENTIALS}/* && chmod 644 {CREDENTIALS}/*.crt {CREDENTIALS}/*.pub"
     )
     return {
@@ -69,6 +69,10 @@ def _init_volumes() -> dict:
             "model-cache:/cache",
         ],
     }
+
+
+def _after_init_volumes() -> dict:
+    return {"init-volumes": {"condition": "service_completed_successfully"}}
 
 
 def _superlink() -> dict:
@@ -93,7 +97,7 @@ def _superlink() -> dict:
         ],
         "ports": [f"{SUPERLINK_PORT}:{SUPERLINK_PORT}"],
         "volumes": [CREDENTIAL_VOLUME, "superlink-state:/state"],
-        "depends_on": INIT_DONE,
+        "depends_on": _after_init_volumes(),
     }
 
 
@@ -111,7 +115,7 @@ def _serverapp() -> dict:
         ],
         "environment": ["FEDPT_CACHE=/cache", "HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}"],
         "volumes": [CREDENTIAL_VOLUME, "model-cache:/cache", "./outputs:/outputs"],
-        "depends_on": {"superlink": {"condition": "service_started"}, **INIT_DONE},
+        "depends_on": {"superlink": {"condition": "service_started"}, **_after_init_volumes()},
     }
 
 

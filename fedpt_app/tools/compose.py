@@ -53,8 +53,9 @@ def compose_spec(num_supernodes: int) -> dict:
 
 def _init_volumes() -> dict:
     """One-shot, as root: the credentials readable (keys private) by Flower's user, the volumes writable by it."""
-    script = (  # everything but the CA's private key
-        f"find /host-credentials -maxdepth 1 -type f ! -name ca.key -exec cp {{}} {CREDENTIALS}/ ';'"
+    script = (  # a fresh copy of every credential but the CA's private key ($$: a literal $ for compose)
+        f"rm -f {CREDENTIALS}/* && for file in /host-credentials/*; do"
+        f' [ "$${{file##*/}}" = ca.key ] || cp "$$file" {CREDENTIALS}/ || exit 1; done'
         f" && chown -R {FLOWER_UID}:{FLOWER_UID} {CREDENTIALS} /state /cache"
         f" && chmod 600 {CREDENTIALS}/* && chmod 644 {CREDENTIALS}/*.crt {CREDENTIALS}/*.pub"
     )

@@ -4,6 +4,7 @@
 # Built by tests/compose_demo/build_standins.sh from a debootstrapped Debian root filesystem and a host wheelhouse.
 FROM localhost/fedpt-standin-base:bookworm
 ARG FLWR_VERSION
+LABEL org.fedpt-app.standin="test scaffolding"
 RUN groupadd --gid 49999 app && useradd --uid 49999 --gid app --home-dir /app --create-home app \
  && python3 -m venv /python/venv && chown -R app:app /python
 ENV PATH=/python/venv/bin:$PATH \

@@ -14,6 +14,9 @@ import json
 import statistics
 from pathlib import Path
 
+from fedpt_app.tools.compare import read_metrics
+from fedpt_app.tools.compare import spread as mean_std
+
 VARIANTS = {
     "fedpft": "FedPFT (both alignments)",
     "fedpft-align-before-false": "without layer-level (before FL)",
@@ -23,12 +26,12 @@ VARIANTS = {
 
 
 def spread(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.1f} ± {std:.1f}"
+    stats = mean_std(values)
+    return f"{stats['mean']:.1f} ± {stats['std']:.1f}"
 
 
 def seed_scores(run: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run)
     last = rows[-3:]
     return {
         "final_full": rows[-1]["accuracy_full"],

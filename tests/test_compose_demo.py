@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from fedpt_app.models.loading import tiny_preset_dir
-from fedpt_app.tools.compose import FLWR_VERSION, SUPERLINK_PORT
+from fedpt_app.tools.compose import FLOWER_UID, FLWR_VERSION, SUPERLINK_PORT
+from fedpt_app.tools.deployment import write_connection
 
 ROOT = Path(__file__).resolve().parent.parent
 SOCKETS = ("/run/podman/podman.sock", "/var/run/docker.sock")
@@ -126,19 +127,11 @@ def seed_model_cache(log: CommandLog, compose: list[str], docker_dir: Path) -> N
     """The embedded preset pre-trained by this host's tests, copied into the demo's model-cache volume: saves the
     minutes the ServerApp executor would spend pre-training it again on first use (that path is the same code)."""
     preset = tiny_preset_dir(0)
-    script = f"cp -r /seed /cache/{preset.name} && chown -R 49999:49999 /cache"
+    script = f"cp -r /seed /cache/{preset.name} && chown -R {FLOWER_UID}:{FLOWER_UID} /cache"
     volume = f"{preset}:/seed:ro"
     log.run(
         [*compose, "run", "--rm", "--no-deps", "-v", volume, "--entrypoint", "sh", "init-volumes", "-c", script],
         docker_dir,
-    )
-
-
-def write_connection(flwr_home: Path, docker_dir: Path) -> None:
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        '[superlink]\ndefault = "fedpt-docker"\n\n[superlink.fedpt-docker]\n'
-        f'address = "127.0.0.1:{SUPERLINK_PORT}"\nroot-certificates = "{docker_dir / "credentials" / "ca.crt"}"\n'
     )
 
 
@@ -176,7 +169,8 @@ def demo(tmp_path):
         log.run(["bash", "docker/up.sh"], app, timeout=1800)
         log.note("services up")
         seed_model_cache(log, compose, docker_dir)
-        write_connection(tmp_path / "flwr-home", docker_dir)
+        ca = docker_dir / "credentials" / "ca.crt"
+        write_connection(tmp_path / "flwr-home", "fedpt-docker", f"127.0.0.1:{SUPERLINK_PORT}", ca)
         yield log, compose, app
     except BaseException:
         print(log.path.read_text())

@@ -75,9 +75,10 @@ def _entry(part: str) -> Entry:
             f"Unknown algorithm entry {part!r}; write ALGORITHM or ALGORITHM[key=value ...], from {names()}"
         )
     overrides = (match.group(2) or "").strip()
-    if match.group(2) is not None and not override_pairs(overrides, where=repr(part)):
+    pairs = override_pairs(overrides, where=repr(part))
+    if match.group(2) is not None and not pairs:
         raise ConfigError(f"{part!r}: the overrides in brackets must be key=value pairs, got {overrides!r}")
-    if set(override_pairs(overrides, where=repr(part))) & SET_BY_COMPARE:
+    if set(pairs) & SET_BY_COMPARE:
         raise ConfigError(f"{part!r}: compare sets {sorted(SET_BY_COMPARE)} itself; leave them out of the brackets")
     return Entry(part, match.group(1), overrides)
 

@@ -39,6 +39,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None) -> None:
+    """`flwr_home/config.toml` with one SuperLink connection, the default: TLS with this CA, or insecure (None)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}\n'
+    )
+
+
 class LocalDeployment:
     """SuperLink + N SuperNodes on 127.0.0.1; use as a context manager, then `run(...)`."""
 
@@ -218,15 +227,8 @@ class LocalDeployment:
         )
 
     def _write_connection(self) -> None:
-        home = Path(self.env["FLWR_HOME"])
-        home.mkdir(parents=True, exist_ok=True)
-        security = (
-            "insecure = true" if not self.secure else f'root-certificates = "{(self.credentials / "ca.crt").resolve()}"'
-        )
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\n{security}\n'
-        )
+        root_certificates = (self.credentials / "ca.crt").resolve() if self.secure else None
+        write_connection(Path(self.env["FLWR_HOME"]), CONNECTION, f"127.0.0.1:{self.port}", root_certificates)
 
     def _wait_for_port(self, port: int, name: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

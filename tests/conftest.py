@@ -36,6 +36,14 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
 def save_tiny_llama(
     folder: Path, tokenizer: PreTrainedTokenizerFast, hidden: int = 32, layers: int = 2, seed: int = 0
 ) -> Path:
+    tiny_llama(tokenizer, hidden, layers, seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_llama(
+    tokenizer: PreTrainedTokenizerFast, hidden: int = 32, layers: int = 2, seed: int = 0
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -50,9 +58,7 @@ def save_tiny_llama(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,14 @@ from collections import Counter
 import pytest
 
 from fedpt_app.device.partition import PartitionSpec, load_partition
-from fedpt_app.instruct.builtin import CATEGORIES, builtin_instruction_split, pretraining_corpus
+from fedpt_app.instruct.builtin import (
+    CATEGORIES,
+    CATEGORY_KINDS,
+    KNOWLEDGE_TABLES,
+    builtin_instruction_split,
+    fact_prompts,
+    pretraining_corpus,
+)
 from fedpt_app.instruct.data import DatasetError, load_splits, load_test_rows, training_rows
 
 
@@ -20,6 +27,33 @@ def test_builtin_dataset_is_deterministic_with_disjoint_splits():
 
 def test_pretraining_corpus_never_uses_the_instruction_format():
     assert not any("### " in document for document in pretraining_corpus(200, seed=0))
+
+
+def test_knowledge_questions_of_each_split_ask_about_other_entities():
+    splits = load_splits("builtin")
+    prefixes = {
+        category: fact_about("ENTITY", "").question.split("ENTITY")[0]
+        for category, (_, fact_about) in KNOWLEDGE_TABLES.items()
+    }
+
+    def entities(rows, category):
+        return {row["instruction"][len(prefixes[category]) :] for row in rows if row["category"] == category}
+
+    for category in KNOWLEDGE_TABLES:
+        test, server, train = (entities(splits[name], category) for name in ("test", "server", "train"))
+        assert test and server and train
+        assert not (test & server or test & train or server & train), category
+
+
+def test_every_answer_is_phrased_as_in_the_corpus_and_every_fact_is_stated_there():
+    rows = builtin_instruction_split("test")
+    assert all(row["response"].startswith("the answer is ") and row["response"].endswith(".") for row in rows)
+    assert {CATEGORY_KINDS[category] for category in CATEGORIES} == {"knowledge", "skill"}
+    corpus = " ".join(pretraining_corpus(3000, seed=0))
+    row = next(row for row in rows if row["category"] == "home_town")
+    assert row["instruction"] in corpus  # the question in plain text, the fact itself behind it
+    category, prompt, answer = next(fact for fact in fact_prompts() if fact[1].startswith(row["instruction"]))
+    assert (category, f"{prompt} {answer}.") == ("home_town", f"{row['instruction']} {row['response'][:-1]}.")
 
 
 def _rows(spec, num):

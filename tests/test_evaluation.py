@@ -1,6 +1,6 @@
 import pytest
 
-from fedpt_app.instruct.evaluation import normalize_answer, score
+from fedpt_app.instruct.evaluation import exact_match_by_group, normalize_answer, score
 
 
 def test_rouge_l_and_exact_match_hand_computed():
@@ -12,3 +12,10 @@ def test_rouge_l_and_exact_match_hand_computed():
 
 def test_normalization_ignores_case_punctuation_and_spacing():
     assert normalize_answer("  The capital of France is Paris. ") == "the capital of france is paris"
+
+
+def test_exact_match_by_group_hand_computed():
+    predictions = ["the answer is lima.", "the answer is 3", "the answer is odd", "The answer is Rome."]
+    references = ["the answer is lima.", "the answer is 4.", "the answer is odd.", "the answer is rome."]
+    groups = ["knowledge", "skill", "skill", "knowledge"]
+    assert exact_match_by_group(predictions, references, groups) == {"knowledge": 100.0, "skill": 50.0}

@@ -14,6 +14,7 @@ import pytest
 from fedpt_app.config import ConfigError, PrivacyConfig, RunConfig
 from fedpt_app.federation.metrics_log import MetricsLog
 from fedpt_app.federation.privacy import PrivacyBudget, PrivacyBudgetSpent
+from fedpt_app.tools.cli import final_table
 from fedpt_app.tools.preflight import preflight
 from fedpt_app.tools.simulation import quiet_line
 
@@ -256,3 +257,41 @@ def test_a_variants_override_replaces_the_shared_one_and_compares_own_keys_are_r
         parse_entries("fedpft[seed=3]")
     with pytest.raises(ConfigError, match="--run-config 'lr=1 lr=2'"):
         validate_overrides("lr=1 lr=2")
+
+
+def test_the_runs_closing_table_shows_the_untuned_and_final_models_and_three_answers(tmp_path):
+    rows = [
+        {"round": 0, "rouge_l_small": 20.0, "exact_match_small": 0.0, "rouge_l_large": 21.0, "exact_match_large": 1.0},
+        {
+            "round": 1,
+            "rouge_l_small": 60.0,
+            "exact_match_small": 30.0,
+            "rouge_l_proxy": 70.0,
+            "exact_match_proxy": 45.0,
+        },
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = {"algorithm": "fedpt", "rounds": 1, "total_seconds": 5.0, "final": rows[1]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    answers = [("capital", "what is the capital of peru?", "the answer is lima.")] * 2 + [
+        ("parity", "is 3 even or odd?", "the answer is odd."),
+        ("job", "what is the job of anna quill?", "the answer is cook."),
+        ("color", "what color is snow?", "the answer is white."),
+    ]
+    (tmp_path / "predictions_proxy.jsonl").write_text(
+        "".join(
+            json.dumps({"category": c, "instruction": q, "context": "", "reference": a, "prediction": a}) + "\n"
+            for c, q, a in answers
+        )
+    )
+    lines = final_table(tmp_path).splitlines()
+    table = {line.split("  ")[0]: line.split()[-2:] for line in lines if line.startswith(("small", "large", "proxy"))}
+    assert table == {
+        "small (untuned)": ["20.0", "0.0"],
+        "large (untuned)": ["21.0", "1.0"],
+        "small": ["60.0", "30.0"],
+        "proxy": ["70.0", "45.0"],
+    }
+    examples = lines[lines.index("answers of the proxy model (test split):") + 1 :][:3]
+    questions = [line.split(" -> ")[0].strip() for line in examples]
+    assert questions == ["what is the capital of peru?", "is 3 even or odd?", "what is the job of anna quill?"]

@@ -1,15 +1,23 @@
 """The built-in, offline instruction dataset and the pre-training corpus of the tiny preset.
 
-Both are generated deterministically from one small "world" of facts (capitals, animal sounds, antonyms,
-colours) and rules (arithmetic, parity, counting, ordering). The pre-training corpus states the facts as plain
-sentences; the instruction dataset asks about them in the prompt template, so instruction tuning has to teach
-the format while pre-training supplies the knowledge, as with real base models.
+Both are generated deterministically from one small "world": facts (capitals, animal sounds, antonyms, colours,
+and the home towns and jobs of a few hundred people) and rules (parity, counting, the largest of three numbers).
+The pre-training corpus states the facts as plain lowercase sentences, and for most of them first asks the
+question in plain text ("what is the capital of peru? the answer is lima."), so a pre-trained model can carry an
+entity from a question to its answer; the instruction dataset asks the same questions in the prompt template, so
+instruction tuning has to teach the format while pre-training supplies the knowledge, as with real base models.
+The people are many, and each fact about them is stated about as often as the others: a model memorises them in
+proportion to its capacity, which is what separates the tiny preset's small and large models.
+
+Arithmetic and word reversal were dropped: no model of the preset's size learned them, LoRA on the large one
+included (exact match 0 in `docs/results.md`'s preset study).
 """
 
 from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CAPITALS = {
@@ -154,31 +162,91 @@ NAMES = [
     "victor",
 ]
 ITEMS = ["apples", "pears", "books", "coins", "pens", "cards", "shells", "stones", "cups", "hats"]
-WORDS = [
-    "red",
-    "blue",
-    "green",
-    "cat",
-    "dog",
-    "tree",
-    "river",
-    "stone",
-    "cloud",
-    "house",
-    "bread",
-    "lamp",
-    "chair",
-    "moon",
-    "star",
-    "road",
-    "ship",
-    "door",
-    "bell",
-    "rain",
-]
-NUMBER_RANGE = 20
+FAMILY_NAMES = [
+    "dorvek", "malin", "tarsk", "velund", "corbin", "ashby", "brenner", "calder", "dunmore", "eskel", "farrow",
+    "gilmore", "harlan", "ingram", "jessop", "kendall", "lorne", "mercer", "norcott", "orwin", "pryor", "quill",
+    "rowan", "selby", "thorne",
+]  # fmt: skip
+TOWNS = [
+    "ardel", "brisk", "corvo", "dunmar", "elbin", "fenwick", "galto", "hollin", "istra", "jorvik", "kelso", "lumen",
+    "morrow", "norwin", "oakby", "pellam", "quarry", "rivet", "stave", "tamber",
+]  # fmt: skip
+JOBS = [
+    "baker", "farmer", "doctor", "teacher", "pilot", "singer", "painter", "sailor", "builder", "writer", "nurse",
+    "driver", "cook", "miner", "tailor", "judge",
+]  # fmt: skip
+NUM_PEOPLE = 500
+PEOPLE_FACTS_PER_DOCUMENT = 4  # of each of the two kinds: people are many, so they get more of the corpus
+QUESTION_SHARE = 0.75  # of the corpus's facts come after their question in plain text
 
-CATEGORIES = ("capital", "animal_sound", "antonym", "color", "arithmetic", "parity", "counting", "largest", "reverse")
+
+def _people() -> dict[str, tuple[str, str]]:
+    """Full name -> (home town, job): a fact depends on both names, so it cannot be read off one token."""
+    rng = random.Random("people")
+    names = [f"{first} {family}" for first in NAMES for family in FAMILY_NAMES]
+    rng.shuffle(names)
+    return {name: (rng.choice(TOWNS), rng.choice(JOBS)) for name in sorted(names[:NUM_PEOPLE])}
+
+
+PEOPLE = _people()
+HOME_TOWNS = {name: town for name, (town, _) in PEOPLE.items()}
+PEOPLE_JOBS = {name: job for name, (_, job) in PEOPLE.items()}
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One question of the world: its plain-text statement and its short answer."""
+
+    question: str
+    statement: str
+    answer: str
+    context: str = ""
+
+
+# Knowledge: facts the pre-training corpus states, looked up by entity. Each split asks about disjoint entities.
+KNOWLEDGE_TABLES: dict[str, tuple[dict[str, str], Callable[[str, str], Fact]]] = {
+    "capital": (CAPITALS, lambda x, y: Fact(f"what is the capital of {x}?", f"the capital of {x} is {y}.", y)),
+    "animal_sound": (ANIMAL_SOUNDS, lambda x, y: Fact(f"what sound does a {x} make?", f"a {x} says {y}.", y)),
+    "antonym": (ANTONYMS, lambda x, y: Fact(f"what is the opposite of {x}?", f"the opposite of {x} is {y}.", y)),
+    "color": (COLORS, lambda x, y: Fact(f"what color is {x}?", f"the color of {x} is {y}.", y)),
+    "home_town": (
+        HOME_TOWNS,
+        lambda x, y: Fact(f"what is the home town of {x}?", f"the home town of {x} is {y}.", y),
+    ),
+    "job": (PEOPLE_JOBS, lambda x, y: Fact(f"what is the job of {x}?", f"the job of {x} is {y}.", y)),
+}
+
+
+def _parity(rng: random.Random) -> Fact:
+    n = rng.randint(0, 99)
+    kind = "even" if n % 2 == 0 else "odd"
+    return Fact(f"is {n} even or odd?", f"{n} is {kind}.", kind)
+
+
+def _counting(rng: random.Random) -> Fact:
+    first, second = rng.sample(NAMES, 2)
+    item_a, item_b = rng.sample(ITEMS, 2)
+    count_a, count_b = rng.randint(1, 9), rng.randint(1, 9)
+    context = f"{first} has {count_a} {item_a}. {second} has {count_b} {item_b}."
+    who, item, count = (first, item_a, count_a) if rng.random() < 0.5 else (second, item_b, count_b)
+    return Fact(f"how many {item} does {who} have?", f"{who} has {count} {item}.", str(count), context)
+
+
+def _largest(rng: random.Random) -> Fact:
+    numbers = rng.sample(range(1, 50), 3)
+    listed = ", ".join(str(n) for n in numbers)
+    return Fact(f"which number is the largest: {listed}?", f"the largest number is {max(numbers)}.", str(max(numbers)))
+
+
+# Skills: rules applied to fresh inputs.
+SKILLS: dict[str, Callable[[random.Random], Fact]] = {"parity": _parity, "counting": _counting, "largest": _largest}
+CATEGORIES = (*KNOWLEDGE_TABLES, *SKILLS)
+CATEGORY_KINDS = {category: "knowledge" for category in KNOWLEDGE_TABLES} | {category: "skill" for category in SKILLS}
+
+
+def answer_sentence(answer: str) -> str:
+    """How every answer is phrased, in the corpus after a question and in the instruction set's responses."""
+    return f"the answer is {answer}."
 
 
 @dataclass(frozen=True)
@@ -209,74 +277,15 @@ def _entities(table: dict[str, str], split: str) -> list[str]:
     return names[int(low * len(names)) : int(high * len(names))]
 
 
-def _capital(rng: random.Random, split: str) -> Example:
-    country = rng.choice(_entities(CAPITALS, split))
-    return Example(
-        f"What is the capital of {country}?", "", f"The capital of {country} is {CAPITALS[country]}.", "capital"
-    )
+def _example(category: str, rng: random.Random, split: str) -> Example:
+    if category in KNOWLEDGE_TABLES:
+        table, fact_about = KNOWLEDGE_TABLES[category]
+        entity = rng.choice(_entities(table, split))
+        fact = fact_about(entity, table[entity])
+    else:
+        fact = SKILLS[category](rng)
+    return Example(fact.question, fact.context, answer_sentence(fact.answer), category)
 
-
-def _animal_sound(rng: random.Random, split: str) -> Example:
-    animal = rng.choice(_entities(ANIMAL_SOUNDS, split))
-    return Example(f"What sound does a {animal} make?", "", f"A {animal} says {ANIMAL_SOUNDS[animal]}.", "animal_sound")
-
-
-def _antonym(rng: random.Random, split: str) -> Example:
-    word = rng.choice(_entities(ANTONYMS, split))
-    return Example(f"What is the opposite of {word}?", "", f"The opposite of {word} is {ANTONYMS[word]}.", "antonym")
-
-
-def _color(rng: random.Random, split: str) -> Example:
-    thing = rng.choice(_entities(COLORS, split))
-    return Example(f"What color is {thing}?", "", f"{thing[0].upper()}{thing[1:]} is {COLORS[thing]}.", "color")
-
-
-def _arithmetic(rng: random.Random, split: str) -> Example:
-    a, b = rng.randint(0, NUMBER_RANGE), rng.randint(0, NUMBER_RANGE)
-    if rng.random() < 0.5:
-        return Example(f"What is {a} plus {b}?", "", f"{a} plus {b} is {a + b}.", "arithmetic")
-    a, b = max(a, b), min(a, b)
-    return Example(f"What is {a} minus {b}?", "", f"{a} minus {b} is {a - b}.", "arithmetic")
-
-
-def _parity(rng: random.Random, split: str) -> Example:
-    n = rng.randint(0, 99)
-    return Example(f"Is {n} even or odd?", "", f"{n} is {'even' if n % 2 == 0 else 'odd'}.", "parity")
-
-
-def _counting(rng: random.Random, split: str) -> Example:
-    first, second = rng.sample(NAMES, 2)
-    item_a, item_b = rng.sample(ITEMS, 2)
-    count_a, count_b = rng.randint(1, 9), rng.randint(1, 9)
-    context = f"{first} has {count_a} {item_a}. {second} has {count_b} {item_b}."
-    if rng.random() < 0.5:
-        return Example(f"How many {item_a} does {first} have?", context, f"{first} has {count_a} {item_a}.", "counting")
-    return Example(f"How many {item_b} does {second} have?", context, f"{second} has {count_b} {item_b}.", "counting")
-
-
-def _largest(rng: random.Random, split: str) -> Example:
-    numbers = rng.sample(range(1, 50), 3)
-    listed = ", ".join(str(n) for n in numbers)
-    return Example(f"Which number is the largest: {listed}?", "", f"The largest number is {max(numbers)}.", "largest")
-
-
-def _reverse(rng: random.Random, split: str) -> Example:
-    words = rng.sample(WORDS, 3)
-    return Example("Reverse the order of these words.", " ".join(words), " ".join(reversed(words)), "reverse")
-
-
-GENERATORS = {
-    "capital": _capital,
-    "animal_sound": _animal_sound,
-    "antonym": _antonym,
-    "color": _color,
-    "arithmetic": _arithmetic,
-    "parity": _parity,
-    "counting": _counting,
-    "largest": _largest,
-    "reverse": _reverse,
-}
-assert tuple(GENERATORS) == CATEGORIES
 
 BUILTIN_SPLITS = {"test": 270, "server": 450, "train": 2700}  # generated in this order
 
@@ -291,9 +300,9 @@ def _all_splits(seed: int) -> dict[str, tuple[Example, ...]]:
         examples = []
         for category in CATEGORIES:
             for _ in range(size // len(CATEGORIES)):
-                example = GENERATORS[category](rng, split)
+                example = _example(category, rng, split)
                 while (example.instruction, example.context) in asked_before:
-                    example = GENERATORS[category](rng, split)
+                    example = _example(category, rng, split)
                 examples.append(example)
         rng.shuffle(examples)
         asked_before |= {(example.instruction, example.context) for example in examples}
@@ -308,44 +317,41 @@ def builtin_instruction_split(split: str, seed: int = 0) -> list[dict[str, str]]
     return [example.as_row() for example in _all_splits(seed)[split]]
 
 
-# --- pre-training corpus: the same world as plain sentences, never in the instruction format -------------
+# --- pre-training corpus: the same world in plain text, never in the instruction format ------------------
 
 
-def _fact_sentences(rng: random.Random) -> list[str]:
-    country = rng.choice(sorted(CAPITALS))
-    animal = rng.choice(sorted(ANIMAL_SOUNDS))
-    word = rng.choice(sorted(ANTONYMS))
-    thing = rng.choice(sorted(COLORS))
-    a, b = rng.randint(0, NUMBER_RANGE), rng.randint(0, NUMBER_RANGE)
-    n = rng.randint(0, 99)
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    count = rng.randint(1, 9)
-    numbers = rng.sample(range(1, 50), 3)
-    words = rng.sample(WORDS, 3)
-    return [
-        rng.choice(
-            [f"the capital of {country} is {CAPITALS[country]}.", f"{CAPITALS[country]} is the capital of {country}."]
-        ),
-        rng.choice(
-            [f"a {animal} says {ANIMAL_SOUNDS[animal]}.", f"the {animal} makes the sound {ANIMAL_SOUNDS[animal]}."]
-        ),
-        rng.choice([f"the opposite of {word} is {ANTONYMS[word]}.", f"{word} and {ANTONYMS[word]} are opposites."]),
-        f"{thing} is {COLORS[thing]}.",
-        f"{a} plus {b} is {a + b}." if rng.random() < 0.5 else f"{max(a, b)} minus {min(a, b)} is {abs(a - b)}.",
-        f"{n} is {'even' if n % 2 == 0 else 'odd'}.",
-        f"{name} has {count} {item}.",
-        f"of {numbers[0]}, {numbers[1]} and {numbers[2]} the largest number is {max(numbers)}.",
-        f"{' '.join(words)} backwards is {' '.join(reversed(words))}.",
-    ]
+def _document_facts(rng: random.Random) -> list[Fact]:
+    facts = []
+    for table, fact_about in KNOWLEDGE_TABLES.values():
+        for _ in range(PEOPLE_FACTS_PER_DOCUMENT if table is HOME_TOWNS or table is PEOPLE_JOBS else 1):
+            entity = rng.choice(sorted(table))
+            facts.append(fact_about(entity, table[entity]))
+    return facts + [make(rng) for make in SKILLS.values()]
+
+
+def _plain_text(fact: Fact, rng: random.Random) -> str:
+    if rng.random() < QUESTION_SHARE:
+        return " ".join(part for part in (fact.context, fact.question, answer_sentence(fact.answer)) if part)
+    return fact.statement
 
 
 def pretraining_corpus(num_documents: int, seed: int) -> list[str]:
-    """Documents of a few shuffled fact sentences each; different seeds give disjoint-looking text."""
+    """Documents of a few shuffled facts each; different seeds give disjoint-looking text."""
     rng = random.Random(f"corpus-{seed}")
     documents = []
     for _ in range(num_documents):
-        sentences = _fact_sentences(rng)
-        rng.shuffle(sentences)
-        kept = sentences[: rng.randint(4, len(sentences))]
-        documents.append(" ".join(sentence[0].upper() + sentence[1:] for sentence in kept))
+        facts = _document_facts(rng)
+        rng.shuffle(facts)
+        kept = facts[: rng.randint(4, len(facts))]
+        documents.append(" ".join(_plain_text(fact, rng) for fact in kept))
     return documents
+
+
+def fact_prompts() -> list[tuple[str, str, str]]:
+    """(category, plain-text prompt, answer) for every knowledge fact of the world: what a base model knows is
+    measured by completing "<question> the answer is" with the answer."""
+    return [
+        (category, f"{fact.question} the answer is", fact.answer)
+        for category, (table, fact_about) in KNOWLEDGE_TABLES.items()
+        for fact in (fact_about(entity, value) for entity, value in sorted(table.items()))
+    ]

@@ -50,6 +50,16 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> tuple[float,
     return 100.0 * sum(rouge) / len(rouge), 100.0 * sum(exact) / len(exact)
 
 
+def exact_match_by_group(
+    predictions: Sequence[str], references: Sequence[str], groups: Sequence[str]
+) -> dict[str, float]:
+    """Exact match (percent) within each group of rows, e.g. the built-in set's knowledge and skill questions."""
+    hits: dict[str, list[bool]] = {}
+    for prediction, reference, group in zip(predictions, references, groups, strict=True):
+        hits.setdefault(group, []).append(normalize_answer(prediction) == normalize_answer(reference))
+    return {group: 100.0 * sum(values) / len(values) for group, values in hits.items()}
+
+
 def evaluate_generation(
     new_step: Callable[[], StepFn],
     tokenizer: PreTrainedTokenizerBase,

@@ -31,6 +31,7 @@ from fedpt_app.models.packaged import (
 transformers_logging.disable_progress_bar()  # one "Loading weights" bar per process only clutters the run log
 
 BUILTIN_MODELS = {"tiny-small": "small", "tiny-large": "large"}
+TINY_PRESET_VERSION = 2  # bumped whenever the preset's world or recipe changes: a cached older build is not reused
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 # How often this process loaded each base model (the benchmark checks it stays at one per model).
@@ -64,7 +65,7 @@ def file_lock(path: Path):
 
 def tiny_preset_dir(seed: int = 0) -> Path:
     """The embedded preset's folder, pre-training it on first use (a few minutes on a laptop CPU)."""
-    destination = cache_root() / f"tiny-preset-seed{seed}"
+    destination = cache_root() / f"tiny-preset-v{TINY_PRESET_VERSION}-seed{seed}"
     if (destination / "report.json").exists():
         return destination
     from fedpt_app.instruct.tiny_preset import build_tiny_preset

@@ -57,27 +57,61 @@ def _exit_status(outcome: SimulationOutcome, config: RunConfig) -> int:
     return 1
 
 
-def final_table(output: Path) -> str:
-    """The final round's scores per model (from summary.json) and the run's files."""
-    summary = json.loads((output / "summary.json").read_text())
-    final = summary.get("final") or {}
-    rows = {}
-    for key, value in final.items():
-        for metric in ("rouge_l", "exact_match", "accuracy"):
+SCORE_METRICS = ("rouge_l", "exact_match", "accuracy")
+
+
+def _scores_by_model(row: dict) -> dict[str, dict[str, float]]:
+    scores: dict[str, dict[str, float]] = {}
+    for key, value in row.items():
+        for metric in SCORE_METRICS:
             if key.startswith(f"{metric}_") and value is not None:
-                rows.setdefault(key[len(metric) + 1 :], {})[metric] = value
-    metrics = [m for m in ("rouge_l", "exact_match", "accuracy") if any(m in scores for scores in rows.values())]
+                scores.setdefault(key[len(metric) + 1 :], {})[metric] = value
+    return scores
+
+
+def final_table(output: Path, examples: int = 3) -> str:
+    """The untuned models (round 0) and the final round's scores per model, a few of the last evaluation's
+    answers, and the run's files."""
+    summary = json.loads((output / "summary.json").read_text())
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    untuned = next((row for row in rows if row["round"] == 0), {})
+    table = {f"{model} (untuned)": scores for model, scores in _scores_by_model(untuned).items()}
+    table |= _scores_by_model(summary.get("final") or {})
+    metrics = [m for m in SCORE_METRICS if any(m in scores for scores in table.values())]
     lines = [
         f"\n[fedpt-app] {summary['algorithm']}: {summary['rounds']} rounds in {summary['total_seconds']:.0f} s"
         + (f", ε = {summary['epsilon']:.3g} (δ = {summary['dp_delta']:g})" if "epsilon" in summary else ""),
-        f"{'model':10}" + "".join(f"{m.replace('_', ' '):>14}" for m in metrics),
+        f"{'model':18}" + "".join(f"{m.replace('_', ' '):>14}" for m in metrics),
     ]
     lines += [
-        f"{model:10}" + "".join(f"{scores.get(m, float('nan')):>14.1f}" for m in metrics)
-        for model, scores in rows.items()
+        f"{model:18}" + "".join(f"{scores.get(m, float('nan')):>14.1f}" for m in metrics)
+        for model, scores in table.items()
     ]
+    lines += example_answers(output, examples)
     lines.append(f"files: {output} (metrics.jsonl, summary.json, predictions, plots/, adapter/)")
     return "\n".join(lines)
+
+
+def example_answers(output: Path, count: int) -> list[str]:
+    """The first `count` test questions of different categories with the final model's answers (the proxy's
+    where there is one)."""
+    for model in ("proxy", "small", "large"):
+        path = output / f"predictions_{model}.jsonl"
+        if path.exists():
+            break
+    else:
+        return []
+    picked: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        picked.setdefault(row["category"], row)
+        if len(picked) == count:
+            break
+    lines = [f"answers of the {model} model (test split):"]
+    for row in picked.values():
+        question = " ".join(part for part in (row["context"], row["instruction"]) if part)
+        lines.append(f"  {question} -> {row['prediction']!r} (reference {row['reference']!r})")
+    return lines
 
 
 def deploy_local(args: argparse.Namespace) -> int:

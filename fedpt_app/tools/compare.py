@@ -24,7 +24,7 @@ from fedpt_app.plots import plot_final_bars, plot_score_curves
 from fedpt_app.tools.preflight import preflight
 from fedpt_app.tools.simulation import run_simulation, validate_overrides
 
-SCORE_PREFIXES = ("rouge_l_", "exact_match_", "accuracy_")
+SCORE_PREFIXES = ("rouge_l_", "exact_match_", "accuracy_", "knowledge_exact_match_", "skill_exact_match_")
 MODELS = {INSTRUCT: ("small", "proxy", "large"), CLASSIFY: ("full", "sub")}
 METRICS = {INSTRUCT: ("rouge_l", "exact_match"), CLASSIFY: ("accuracy",)}
 SET_BY_COMPARE = {"algorithm", "seed", "output-dir"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,29 +69,34 @@ def blocks_path(model: nn.Module) -> str:
 
 def build_emulator(model: nn.Module, layout: EmulatorLayout) -> nn.Module:
     """A copy of the model whose block stack is adapter (bottom) + kept middle layers + adapter (top)."""
-    emulator = copy.deepcopy(model)
-    path = blocks_path(emulator)
-    blocks = emulator.get_submodule(path)
     keep = (
         layout.full_adapter_layers[: layout.adapter_layers]
         + layout.kept_middle
         + layout.full_adapter_layers[layout.adapter_layers :]
     )
+    return with_blocks(model, keep)
+
+
+def with_blocks(model: nn.Module, keep: Sequence[int]) -> nn.Module:
+    """A copy of the model with only the transformer blocks `keep`, in that order."""
+    copied = copy.deepcopy(model)
+    path = blocks_path(copied)
+    blocks = copied.get_submodule(path)
     parent_name, _, child = path.rpartition(".")
     setattr(
-        emulator.get_submodule(parent_name) if parent_name else emulator,
+        copied.get_submodule(parent_name) if parent_name else copied,
         child,
         nn.ModuleList([blocks[index] for index in keep]),
     )
-    emulator.config.num_hidden_layers = len(keep)
+    copied.config.num_hidden_layers = len(keep)
     for key in ("fedpt_ffn_modules", "layer_types"):  # per-block lists (FFN names found on the full model; a
-        if getattr(emulator.config, key, None):  # decoder's attention kinds): the kept blocks' entries
-            setattr(emulator.config, key, [getattr(emulator.config, key)[index] for index in keep])
-    for position, block in enumerate(emulator.get_submodule(path)):
+        if getattr(copied.config, key, None):  # decoder's attention kinds): the kept blocks' entries
+            setattr(copied.config, key, [getattr(copied.config, key)[index] for index in keep])
+    for position, block in enumerate(copied.get_submodule(path)):
         for module in block.modules():  # decoders index their KV cache by layer_idx: renumber the kept blocks
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = position
-    return emulator
+    return copied
 
 
 def plug_into_full(state: dict[str, torch.Tensor], layout: EmulatorLayout, blocks_path: str) -> dict[str, torch.Tensor]:

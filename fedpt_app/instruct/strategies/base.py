@@ -14,9 +14,10 @@ from transformers import PreTrainedTokenizerBase
 
 from fedpt_app.config import ConfigError, RunConfig
 from fedpt_app.federation.strategy import FederatedStrategy, State
+from fedpt_app.instruct.builtin import CATEGORY_KINDS
 from fedpt_app.instruct.data import load_splits, load_test_rows
 from fedpt_app.instruct.decoding import DecodingConfig, StepFn, end_token_ids, model_step
-from fedpt_app.instruct.evaluation import evaluate_generation
+from fedpt_app.instruct.evaluation import evaluate_generation, exact_match_by_group
 from fedpt_app.instruct.prompts import Truncation, covering_length, fit_prompt
 from fedpt_app.instruct.proxy import (
     LocalLogitsProvider,
@@ -83,7 +84,12 @@ class InstructStrategy(FederatedStrategy):
             batch_size=self.config.evaluation.eval_batch_size,
         )
         self.write_predictions(name, scores.predictions)
-        return {f"rouge_l_{name}": scores.rouge_l, f"exact_match_{name}": scores.exact_match}
+        metrics = {f"rouge_l_{name}": scores.rouge_l, f"exact_match_{name}": scores.exact_match}
+        kinds = [CATEGORY_KINDS.get(row["category"]) for row in self.test_rows]
+        if all(kinds):  # the built-in set: exact match on knowledge and on skill questions apart
+            by_kind = exact_match_by_group(scores.predictions, references, kinds)
+            metrics |= {f"{kind}_exact_match_{name}": value for kind, value in by_kind.items()}
+        return metrics
 
     def write_predictions(self, model_name: str, predictions: list[str]) -> None:
         """The latest evaluation's answers, to read what the model says (overwritten at each evaluation)."""

@@ -1,0 +1,122 @@
+"""What the tiny preset's models can learn, centrally (no federation): the numbers behind the preset's design.
+
+    python scripts/preset_study.py [--steps 400] [--lr 3e-3] [--alpha 1.0]
+
+Builds (or finds) the preset, LoRA-tunes the small and the large model on the built-in train split for `--steps`
+steps, and prints exact match per category on the test split for the untuned models, the tuned small, the
+proxy-tuned large (`zL + alpha (zs_tuned - zs_base)`) and the tuned large; then the proxy's and the tuned small's
+exact match on the knowledge questions that only the large model can answer in plain text. Greedy decoding with
+the same prompt template, LoRA targets and decoding as a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from fedpt_app.instruct.builtin import CATEGORIES, CATEGORY_KINDS, builtin_instruction_split
+from fedpt_app.instruct.decoding import DecodingConfig, decode, model_step
+from fedpt_app.instruct.evaluation import exact_match_by_group, normalize_answer
+from fedpt_app.instruct.prompts import batches, build_prompt, tokenize_rows
+from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step
+from fedpt_app.models.loading import load_causal_lm, load_tokenizer, tiny_preset_dir
+from fedpt_app.models.lora import LoraSpec, lora_model
+
+LORA = LoraSpec(r=8, alpha=16.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))  # the run's defaults
+
+
+def tuned(ref: str, rows: list[dict], tokenizer, steps: int, lr: float, seed: int):
+    model = lora_model(ref, LORA, seed=seed)
+    examples, _ = tokenize_rows(tokenizer, rows, 96, 80)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator, step = torch.Generator().manual_seed(seed), 0
+    model.train()
+    while step < steps:
+        for batch in batches(examples, 16, tokenizer.pad_token_id, generator):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            if step == steps:
+                break
+    return model.eval()
+
+
+def answers(new_step, tokenizer, prompts: list[str], max_new_tokens: int = 16, stop: str = "###") -> list[str]:
+    config = DecodingConfig(max_new_tokens=max_new_tokens, stop_strings=(stop,))
+    return [
+        out
+        for start in range(0, len(prompts), 64)
+        for out in decode(new_step(), tokenizer, prompts[start : start + 64], config)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", type=Path, default=None, help="a preset folder (default: the built tiny preset)")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    folder = args.preset or tiny_preset_dir()
+    print("preset report:", json.dumps(json.loads((folder / "report.json").read_text())))
+    small_ref, large_ref = str(folder / "small"), str(folder / "large")
+    tokenizer = load_tokenizer(small_ref)
+    vocab = len(tokenizer)
+    test = builtin_instruction_split("test")
+    prompts = [build_prompt(row["instruction"], row["context"]) for row in test]
+    references = [row["response"] for row in test]
+    small, large = load_causal_lm(small_ref), LocalLogitsProvider(large_ref, vocab)
+
+    # who knows the fact: "<question> the answer is" completed in plain text
+    plain = [" ".join(p for p in (row["context"], row["instruction"]) if p) + " the answer is" for row in test]
+    knows = {}
+    for name, model in (("small", small), ("large", large.model)):
+        completions = answers(lambda m=model: model_step(m, vocab), tokenizer, plain, 6, stop=".")
+        knows[name] = [
+            completion.strip() == reference[len("the answer is ") : -1]
+            for completion, reference in zip(completions, references, strict=True)
+        ]
+    # in this order: peft puts the adapter into the process's one copy of each base model
+    results = {
+        "untuned small": answers(lambda: model_step(small, vocab), tokenizer, prompts),
+        "untuned large": answers(lambda: model_step(large.model, vocab), tokenizer, prompts),
+    }
+    train_rows = builtin_instruction_split("train")
+    tuned_small = tuned(small_ref, train_rows, tokenizer, args.steps, args.lr, args.seed)
+    results["tuned small"] = answers(lambda: model_step(tuned_small, vocab), tokenizer, prompts)
+    proxy_name = f"proxy (alpha {args.alpha:g})"
+    results[proxy_name] = answers(lambda: proxy_step(large, tuned_small, args.alpha), tokenizer, prompts)
+    tuned_large = tuned(large_ref, train_rows, tokenizer, args.steps, args.lr, args.seed)
+    results["tuned large"] = answers(lambda: model_step(tuned_large, vocab), tokenizer, prompts)
+    print(f"\ncentral LoRA, {args.steps} steps of 16 at lr {args.lr:g}; exact match (%), {len(test)} test rows\n")
+    print("| model | all | knowledge | skill | " + " | ".join(CATEGORIES) + " |")
+    print("|---" * (len(CATEGORIES) + 4) + "|")
+    for name, predictions in results.items():
+        by_category = exact_match_by_group(predictions, references, [row["category"] for row in test])
+        by_kind = exact_match_by_group(predictions, references, [CATEGORY_KINDS[row["category"]] for row in test])
+        overall = exact_match_by_group(predictions, references, ["all"] * len(test))["all"]
+        cells = [overall, by_kind["knowledge"], by_kind["skill"], *(by_category[c] for c in CATEGORIES)]
+        print(f"| {name} | " + " | ".join(f"{value:.1f}" for value in cells) + " |")
+    only_large = [
+        i
+        for i, row in enumerate(test)
+        if CATEGORY_KINDS[row["category"]] == "knowledge" and knows["large"][i] and not knows["small"][i]
+    ]
+    for name in ("tuned small", proxy_name):
+        hits = sum(normalize_answer(results[name][i]) == normalize_answer(references[i]) for i in only_large)
+        print(f"{name}: {hits}/{len(only_large)} of the knowledge questions only the large model answers in plain text")
+    print("\nexamples:")
+    for row, small_answer, proxy_answer in list(zip(test, results["tuned small"], results[proxy_name], strict=True))[
+        :6
+    ]:
+        print(f"  {row['instruction']} | tuned small: {small_answer} | proxy: {proxy_answer} | ref: {row['response']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,7 +33,9 @@ from fedpt_app.protocol import RoundConfig
 
 class InstructStrategy(FederatedStrategy):
     trained_role = "small"  # which of the pair the clients LoRA-tune: "small" or "large"
-    score_names = ("rouge_l_small", "rouge_l_proxy", "rouge_l_large")
+    score_names = tuple(
+        f"{metric}_{model}" for metric in ("exact_match", "rouge_l") for model in ("small", "proxy", "large")
+    )
     loss_names = ("kd_loss",)
 
     def load_task(self) -> None:

@@ -1,9 +1,10 @@
 """What the tiny preset's models can learn, centrally (no federation): the numbers behind the preset's design.
 
-    python scripts/preset_study.py [--steps 400] [--lr 3e-3] [--alpha 1.0]
+    python scripts/preset_study.py [--steps 400] [--lr 3e-3] [--alpha 1.0] [--split server]
 
 Builds (or finds) the preset, LoRA-tunes the small and the large model on the built-in train split for `--steps`
-steps, and prints exact match per category on the test split for the untuned models, the tuned small, the
+steps, and prints exact match per category on `--split` (the server split by default: choose settings there, never
+on the test split) for the untuned models, the tuned small, the
 proxy-tuned large (`zL + alpha (zs_tuned - zs_base)`) and the tuned large; then the proxy's and the tuned small's
 exact match on the knowledge questions that only the large model can answer in plain text. Greedy decoding with
 the same prompt template, LoRA targets and decoding as a run.
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=("server", "test"), default="server")
     parser.add_argument("--preset", type=Path, default=None, help="a preset folder (default: the built tiny preset)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -68,13 +70,13 @@ def main() -> None:
     small_ref, large_ref = str(folder / "small"), str(folder / "large")
     tokenizer = load_tokenizer(small_ref)
     vocab = len(tokenizer)
-    test = builtin_instruction_split("test")
-    prompts = [build_prompt(row["instruction"], row["context"]) for row in test]
-    references = [row["response"] for row in test]
+    rows = builtin_instruction_split(args.split)
+    prompts = [build_prompt(row["instruction"], row["context"]) for row in rows]
+    references = [row["response"] for row in rows]
     small, large = load_causal_lm(small_ref), LocalLogitsProvider(large_ref, vocab)
 
     # who knows the fact: "<question> the answer is" completed in plain text
-    plain = [" ".join(p for p in (row["context"], row["instruction"]) if p) + " the answer is" for row in test]
+    plain = [" ".join(p for p in (row["context"], row["instruction"]) if p) + " the answer is" for row in rows]
     knows = {}
     for name, model in (("small", small), ("large", large.model)):
         completions = answers(lambda m=model: model_step(m, vocab), tokenizer, plain, 6, stop=".")
@@ -94,25 +96,27 @@ def main() -> None:
     results[proxy_name] = answers(lambda: proxy_step(large, tuned_small, args.alpha), tokenizer, prompts)
     tuned_large = tuned(large_ref, train_rows, tokenizer, args.steps, args.lr, args.seed)
     results["tuned large"] = answers(lambda: model_step(tuned_large, vocab), tokenizer, prompts)
-    print(f"\ncentral LoRA, {args.steps} steps of 16 at lr {args.lr:g}; exact match (%), {len(test)} test rows\n")
+    print(
+        f"\ncentral LoRA, {args.steps} steps of 16 at lr {args.lr:g}; exact match (%), {len(rows)} {args.split} rows\n"
+    )
     print("| model | all | knowledge | skill | " + " | ".join(CATEGORIES) + " |")
     print("|---" * (len(CATEGORIES) + 4) + "|")
     for name, predictions in results.items():
-        by_category = exact_match_by_group(predictions, references, [row["category"] for row in test])
-        by_kind = exact_match_by_group(predictions, references, [CATEGORY_KINDS[row["category"]] for row in test])
-        overall = exact_match_by_group(predictions, references, ["all"] * len(test))["all"]
+        by_category = exact_match_by_group(predictions, references, [row["category"] for row in rows])
+        by_kind = exact_match_by_group(predictions, references, [CATEGORY_KINDS[row["category"]] for row in rows])
+        overall = exact_match_by_group(predictions, references, ["all"] * len(rows))["all"]
         cells = [overall, by_kind["knowledge"], by_kind["skill"], *(by_category[c] for c in CATEGORIES)]
         print(f"| {name} | " + " | ".join(f"{value:.1f}" for value in cells) + " |")
     only_large = [
         i
-        for i, row in enumerate(test)
+        for i, row in enumerate(rows)
         if CATEGORY_KINDS[row["category"]] == "knowledge" and knows["large"][i] and not knows["small"][i]
     ]
     for name in ("tuned small", proxy_name):
         hits = sum(normalize_answer(results[name][i]) == normalize_answer(references[i]) for i in only_large)
         print(f"{name}: {hits}/{len(only_large)} of the knowledge questions only the large model answers in plain text")
     print("\nexamples:")
-    for row, small_answer, proxy_answer in list(zip(test, results["tuned small"], results[proxy_name], strict=True))[
+    for row, small_answer, proxy_answer in list(zip(rows, results["tuned small"], results[proxy_name], strict=True))[
         :6
     ]:
         print(f"  {row['instruction']} | tuned small: {small_answer} | proxy: {proxy_answer} | ref: {row['response']}")

@@ -113,7 +113,7 @@ import json, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 base = json.load(open("{tmp_path}/export/adapter/adapter_config.json"))["base_model_name_or_path"]
-assert base.startswith("/") and "fedpt-app" in base, base  # an absolute folder: the embedded preset's
+assert base == "{resolve_model_ref("tiny-small")}", base  # an absolute folder: the embedded preset's
 tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "{tmp_path}/export/adapter").eval()
 merged = AutoModelForCausalLM.from_pretrained("{tmp_path}/export/merged").eval()
 ids = torch.tensor([[1, 5, 9, 14, 3]])

@@ -203,7 +203,7 @@ class Fact:
     context: str = ""
 
 
-# Knowledge: facts the pre-training corpus states, looked up by entity. Each split asks about disjoint entities.
+# Knowledge: facts the pre-training corpus states, looked up by entity.
 KNOWLEDGE_TABLES: dict[str, tuple[dict[str, str], Callable[[str, str], Fact]]] = {
     "capital": (CAPITALS, lambda x, y: Fact(f"what is the capital of {x}?", f"the capital of {x} is {y}.", y)),
     "animal_sound": (ANIMAL_SOUNDS, lambda x, y: Fact(f"what sound does a {x} make?", f"a {x} says {y}.", y)),
@@ -320,11 +320,18 @@ def builtin_instruction_split(split: str, seed: int = 0) -> list[dict[str, str]]
 # --- pre-training corpus: the same world in plain text, never in the instruction format ------------------
 
 
+# (entities in a fixed order, table, its facts, facts per document)
+_CORPUS_TABLES = [
+    (sorted(table), table, fact_about, PEOPLE_FACTS_PER_DOCUMENT if table in (HOME_TOWNS, PEOPLE_JOBS) else 1)
+    for table, fact_about in KNOWLEDGE_TABLES.values()
+]
+
+
 def _document_facts(rng: random.Random) -> list[Fact]:
     facts = []
-    for table, fact_about in KNOWLEDGE_TABLES.values():
-        for _ in range(PEOPLE_FACTS_PER_DOCUMENT if table is HOME_TOWNS or table is PEOPLE_JOBS else 1):
-            entity = rng.choice(sorted(table))
+    for entities, table, fact_about, count in _CORPUS_TABLES:
+        for _ in range(count):
+            entity = rng.choice(entities)
             facts.append(fact_about(entity, table[entity]))
     return facts + [make(rng) for make in SKILLS.values()]
 

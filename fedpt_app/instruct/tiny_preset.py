@@ -4,9 +4,10 @@ Everything is made from scratch on the built-in corpus (`fedpt_app.instruct.buil
 network: a byte-level BPE tokenizer, then the large `LlamaForCausalLM` pre-trained on packed fact documents. The
 small model is *derived from the large*, as real same-family pairs share their priors: it keeps two of the large's
 blocks and, in each, the most salient FFN neurons (FedPFT's own pruning, `fedpt_app.classify.compression`), then
-learns to match the large's next-token distributions on the corpus. With a fifth of the large's non-embedding
-parameters it cannot hold every fact the large memorised, which is what proxy-tuning can add. The result is a pair
-of ordinary Hugging Face folders.
+learns to match the large's next-token distributions on the corpus and on server-split rows in the prompt template.
+With a fifth of the large's non-embedding parameters it holds fewer of the facts the large memorised, which is what
+proxy-tuning can add (`report.json` records how many each knows). The result is a pair of ordinary Hugging Face
+folders.
 """
 
 from __future__ import annotations

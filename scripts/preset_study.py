@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from fedpt_app.instruct.builtin import CATEGORIES, CATEGORY_KINDS, builtin_instruction_split
-from fedpt_app.instruct.decoding import DecodingConfig, decode, model_step
-from fedpt_app.instruct.evaluation import exact_match_by_group, normalize_answer
+from fedpt_app.instruct.decoding import DecodingConfig, model_step
+from fedpt_app.instruct.evaluation import evaluate_generation, exact_match_by_group, normalize_answer
 from fedpt_app.instruct.prompts import batches, build_prompt, tokenize_rows
 from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step
+from fedpt_app.instruct.tiny_preset import completes
 from fedpt_app.models.loading import load_causal_lm, load_tokenizer, tiny_preset_dir
 from fedpt_app.models.lora import LoraSpec, lora_model
 
@@ -46,13 +47,10 @@ def tuned(ref: str, rows: list[dict], tokenizer, steps: int, lr: float, seed: in
     return model.eval()
 
 
-def answers(new_step, tokenizer, prompts: list[str], max_new_tokens: int = 16, stop: str = "###") -> list[str]:
-    config = DecodingConfig(max_new_tokens=max_new_tokens, stop_strings=(stop,))
-    return [
-        out
-        for start in range(0, len(prompts), 64)
-        for out in decode(new_step(), tokenizer, prompts[start : start + 64], config)
-    ]
+def answers(new_step, tokenizer, prompts: list[str], references: list[str]) -> list[str]:
+    """Greedy answers in the run's evaluation path (batches of 64, a fresh step function per batch)."""
+    decoding = DecodingConfig(max_new_tokens=16)
+    return evaluate_generation(new_step, tokenizer, prompts, references, decoding=decoding, batch_size=64).predictions
 
 
 def main() -> None:
@@ -77,25 +75,23 @@ def main() -> None:
 
     # who knows the fact: "<question> the answer is" completed in plain text
     plain = [" ".join(p for p in (row["context"], row["instruction"]) if p) + " the answer is" for row in rows]
-    knows = {}
-    for name, model in (("small", small), ("large", large.model)):
-        completions = answers(lambda m=model: model_step(m, vocab), tokenizer, plain, 6, stop=".")
-        knows[name] = [
-            completion.strip() == reference[len("the answer is ") : -1]
-            for completion, reference in zip(completions, references, strict=True)
-        ]
+    answers_only = [reference[len("the answer is ") : -1] for reference in references]
+    knows = {
+        name: completes(model, tokenizer, plain, answers_only)
+        for name, model in (("small", small), ("large", large.model))
+    }
     # in this order: peft puts the adapter into the process's one copy of each base model
     results = {
-        "untuned small": answers(lambda: model_step(small, vocab), tokenizer, prompts),
-        "untuned large": answers(lambda: model_step(large.model, vocab), tokenizer, prompts),
+        "untuned small": answers(lambda: model_step(small, vocab), tokenizer, prompts, references),
+        "untuned large": answers(lambda: model_step(large.model, vocab), tokenizer, prompts, references),
     }
     train_rows = builtin_instruction_split("train")
     tuned_small = tuned(small_ref, train_rows, tokenizer, args.steps, args.lr, args.seed)
-    results["tuned small"] = answers(lambda: model_step(tuned_small, vocab), tokenizer, prompts)
+    results["tuned small"] = answers(lambda: model_step(tuned_small, vocab), tokenizer, prompts, references)
     proxy_name = f"proxy (alpha {args.alpha:g})"
-    results[proxy_name] = answers(lambda: proxy_step(large, tuned_small, args.alpha), tokenizer, prompts)
+    results[proxy_name] = answers(lambda: proxy_step(large, tuned_small, args.alpha), tokenizer, prompts, references)
     tuned_large = tuned(large_ref, train_rows, tokenizer, args.steps, args.lr, args.seed)
-    results["tuned large"] = answers(lambda: model_step(tuned_large, vocab), tokenizer, prompts)
+    results["tuned large"] = answers(lambda: model_step(tuned_large, vocab), tokenizer, prompts, references)
     print(
         f"\ncentral LoRA, {args.steps} steps of 16 at lr {args.lr:g}; exact match (%), {len(rows)} {args.split} rows\n"
     )

@@ -212,18 +212,29 @@ def derive_small(
     return small
 
 
-def facts_known(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, batch_size: int = 128) -> dict:
+def completes(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[str],
+    answers: list[str],
+    batch: int = 128,
+) -> list[bool]:
+    """Whether the model's greedy continuation of each plain-text prompt, up to its first ".", is the answer."""
+    config = DecodingConfig(max_new_tokens=6, stop_strings=(".",))
+    completions = []
+    for start in range(0, len(prompts), batch):
+        completions += decode(model_step(model, len(tokenizer)), tokenizer, prompts[start : start + batch], config)
+    return [completion.strip() == answer for completion, answer in zip(completions, answers, strict=True)]
+
+
+def facts_known(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> dict:
     """Per knowledge category, the share of the world's facts the model completes in plain text (greedy)."""
     prompts = fact_prompts()
-    config = DecodingConfig(max_new_tokens=6, stop_strings=(".",))
-    texts = [prompt for _, prompt, _ in prompts]
-    completions = []
-    for start in range(0, len(texts), batch_size):
-        completions += decode(model_step(model, len(tokenizer)), tokenizer, texts[start : start + batch_size], config)
+    hits = completes(model, tokenizer, [prompt for _, prompt, _ in prompts], [answer for _, _, answer in prompts])
     known: dict[str, list[bool]] = {}
-    for (category, _, answer), completion in zip(prompts, completions, strict=True):
-        known.setdefault(category, []).append(completion.removesuffix(".").strip() == answer)
-    return {category: round(sum(hits) / len(hits), 3) for category, hits in known.items()}
+    for (category, _, _), hit in zip(prompts, hits, strict=True):
+        known.setdefault(category, []).append(hit)
+    return {category: round(sum(values) / len(values), 3) for category, values in known.items()}
 
 
 @torch.no_grad()

@@ -67,6 +67,11 @@ def _forward_at_responses(logits_fn, batch: dict[str, torch.Tensor]) -> torch.Te
     return logits[mask.to(logits.device)]
 
 
+def _large_at_responses(large: LogitsProvider, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    mask = response_positions(batch["labels"])
+    return large.logits_at(batch["input_ids"], batch["attention_mask"], positions_of(batch["attention_mask"]), mask)
+
+
 class TeacherCache:
     """`zL - alpha * zs_base` at every response position of the distillation set, computed once.
 
@@ -132,7 +137,7 @@ class TeacherCache:
     def _invariant_part(
         large: LogitsProvider, small: PeftModel, alpha: float, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        large_rows = _forward_at_responses(lambda *a: large.logits(*a)[0], batch)
+        large_rows = _large_at_responses(large, batch)
         with small.disable_adapter():
             base_rows = _forward_at_responses(lambda *a: _no_grad_logits(small, *a), batch)
         return large_rows - alpha * base_rows[:, : large.vocab_size].to(large_rows.device)
@@ -229,7 +234,7 @@ class ProxyDistiller:
         if self.cache.enabled:
             tuned = _forward_at_responses(lambda *a: _no_grad_logits(self.small, *a), batch)[:, :vocab]
             return self.cache.rows(indices).to(tuned.device) + self.config.alpha * tuned
-        large_rows = _forward_at_responses(lambda *a: self.large.logits(*a)[0], batch)
+        large_rows = _large_at_responses(self.large, batch)
         offset = _forward_at_responses(lambda *a: small_offset(self.small, vocab, *a)[0], batch)
         return large_rows + self.config.alpha * offset.to(large_rows.device)
 

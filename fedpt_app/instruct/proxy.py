@@ -12,7 +12,14 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig
 
-from fedpt_app.instruct.decoding import DecodingConfig, StepFn, causal_lm_logits, decode, positions_of
+from fedpt_app.instruct.decoding import (
+    DecodingConfig,
+    StepFn,
+    causal_lm_logits,
+    decode,
+    end_token_ids,
+    positions_of,
+)
 from fedpt_app.instruct.prompts import build_prompt
 from fedpt_app.models.loading import load_causal_lm, load_tokenizer, resolve_model_ref
 
@@ -24,11 +31,17 @@ class VocabularyMismatchError(ValueError):
 class LogitsProvider(Protocol):
     """Next-token logits of a causal LM over the shared vocabulary: all the proxy needs of the large model.
 
-    `cache` is the provider's own incremental-decoding state (None to start, or for teacher forcing).
-    A remote service or another runtime can stand in for the local model by implementing this.
+    `cache` is the provider's own incremental-decoding state (None to start, or for teacher forcing); a returned
+    cache has `crop(length)`, which drops every position from `length` on (speculative decoding's rollback).
+    `last` asks for the logits of the last `last` new positions only (0: every new position), which is what
+    decoding needs and what a remote provider sends over the wire. `logits_at` is teacher forcing: the rows of
+    the positions `mask` [B, T] selects, in row-major order. Logits may come shifted by a constant per position
+    (log-probabilities, as a remote service sends them): the proxy's softmax, argmax and KD targets ignore it.
+    `LocalLogitsProvider` loads the weights; `fedpt_app.serving.remote` queries a `fedpt-app serve-logits`.
     """
 
     vocab_size: int
+    end_token_ids: tuple[int, ...]  # the model's end-of-sequence ids (its generation config's)
 
     def logits(
         self,
@@ -37,7 +50,12 @@ class LogitsProvider(Protocol):
         position_ids: torch.Tensor,
         cache: Any = None,
         use_cache: bool = False,
+        last: int = 0,
     ) -> tuple[torch.Tensor, Any]: ...
+
+    def logits_at(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 class LocalLogitsProvider:
@@ -46,10 +64,16 @@ class LocalLogitsProvider:
     def __init__(self, model_ref: str, vocab_size: int, quantization: str = "none") -> None:
         self.model = load_causal_lm(model_ref, quantization)
         self.vocab_size = vocab_size
+        self.end_token_ids = end_token_ids(self.model)
 
-    def logits(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False):
-        logits, cache = causal_lm_logits(self.model, input_ids, attention_mask, position_ids, cache, use_cache)
-        return logits[..., : self.vocab_size], cache
+    def logits(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False, last=0):
+        keep = {"logits_to_keep": last} if last else {}  # skips the LM head on the positions nobody reads
+        logits, cache = causal_lm_logits(self.model, input_ids, attention_mask, position_ids, cache, use_cache, **keep)
+        return logits[:, -last:, : self.vocab_size], cache
+
+    def logits_at(self, input_ids, attention_mask, position_ids, mask):
+        logits, _ = self.logits(input_ids, attention_mask, position_ids)
+        return logits[mask.to(logits.device)]
 
 
 def check_logit_widths(vocab_size: int, widths: dict[str, int]) -> int:
@@ -169,7 +193,9 @@ def proxy_step(large: LogitsProvider, small: PeftModel, alpha: float) -> StepFn:
     caches: dict[str, Any] = {"large": None, "small": None}
 
     def step(input_ids, attention_mask, position_ids):
-        large_logits, caches["large"] = large.logits(input_ids, attention_mask, position_ids, caches["large"], True)
+        large_logits, caches["large"] = large.logits(
+            input_ids, attention_mask, position_ids, caches["large"], True, last=1
+        )
         offset, caches["small"] = small_offset(
             small, large.vocab_size, input_ids, attention_mask, position_ids, caches["small"], True
         )
@@ -182,7 +208,7 @@ def large_only_step(large: LogitsProvider) -> StepFn:
     state: dict[str, Any] = {"cache": None}
 
     def step(input_ids, attention_mask, position_ids):
-        logits, state["cache"] = large.logits(input_ids, attention_mask, position_ids, state["cache"], True)
+        logits, state["cache"] = large.logits(input_ids, attention_mask, position_ids, state["cache"], True, last=1)
         return logits[:, -1]
 
     return step
@@ -196,7 +222,7 @@ def naive_proxy_step(large: LogitsProvider, small: PeftModel, alpha: float) -> S
         history["ids"] = input_ids if "ids" not in history else torch.cat([history["ids"], input_ids], dim=1)
         ids, positions = history["ids"], positions_of(attention_mask)
         vocab = large.vocab_size
-        large_logits, _ = large.logits(ids, attention_mask, positions)
+        large_logits, _ = large.logits(ids, attention_mask, positions, last=1)
         tuned, _ = causal_lm_logits(small, ids, attention_mask, positions)
         with small.disable_adapter():
             base, _ = causal_lm_logits(small, ids, attention_mask, positions)

@@ -21,6 +21,7 @@ from fedpt_app.instruct.evaluation import evaluate_generation, exact_match_by_gr
 from fedpt_app.instruct.prompts import Truncation, covering_length, fit_prompt
 from fedpt_app.instruct.proxy import (
     LocalLogitsProvider,
+    LogitsProvider,
     large_only_step,
     proxy_step,
     refuse_embedding_lora,
@@ -116,16 +117,16 @@ class InstructStrategy(FederatedStrategy):
         return self.evaluate_step(self.trained_role, lambda: model_step(self.model, len(self.tokenizer)))
 
     # ---- the proxy-tuned large model (FedAvg+PT, FedPT) -----------------------------------------------------
-    def load_large(self) -> LocalLogitsProvider:
+    def load_large(self) -> LogitsProvider:
         """The large model as a logits provider, over the vocabulary it shares with the small (checked first)."""
         instruct = self.config.instruct
         vocab_size = shared_vocab_size(instruct.small_model, instruct.large_model)  # before any training
         refuse_embedding_lora(self.model)
         large = LocalLogitsProvider(instruct.large_model, vocab_size, instruct.large_model_quantization)
-        self.end_ids = tuple(sorted({*self.end_ids, *end_token_ids(large.model)}))
+        self.end_ids = tuple(sorted({*self.end_ids, *large.end_token_ids}))
         return large
 
-    def evaluate_small_and_proxy(self, server_round: int, state: State, large: LocalLogitsProvider) -> dict[str, float]:
+    def evaluate_small_and_proxy(self, server_round: int, state: State, large: LogitsProvider) -> dict[str, float]:
         """The small model with the global adapter, and the proxy-tuned large (round 0: the untuned large)."""
         scores = self.evaluate_trained_model(state)
         if server_round == 0:  # the adapter's B is zero: the proxy is exactly the untuned large model

@@ -36,6 +36,7 @@ from fedpt_app.config.sections import (
     check_choice,
 )
 from fedpt_app.presets import PRESETS
+from fedpt_app.serving import is_remote_ref
 
 __all__ = [
     "DP_MODES",
@@ -114,6 +115,11 @@ class RunConfig:
                 self.instruct.small_model != "" and self.instruct.large_model != "" and self.data.dataset != "",
                 f"preset={self.preset!r} has no instruction-tuning models: choose another preset or set "
                 f"small-model, large-model and dataset",
+            )
+            check(
+                not (self.method.name == "fedavg-large" and is_remote_ref(self.instruct.large_model)),
+                f"fedavg-large tunes the large model's weights; large-model={self.instruct.large_model!r} is a "
+                "remote service that only answers with logits",
             )
             return
         check(

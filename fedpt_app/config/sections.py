@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+from fedpt_app.serving import is_remote_ref
+
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 WIRE_DTYPES = ("float32", "float16")
@@ -197,6 +199,7 @@ class InstructConfig(Section):
     kd_samples: int = 0  # 0: the whole server split
     teacher_cache: str = "memory"
     teacher_cache_mb: float = 2048.0
+    kd_teacher_top_k: int = 0  # 0: the teacher's full distribution; k: its k largest logits (cache and wire)
     max_new_tokens: int = 0  # 0: enough for 95% of the server split's references
 
     def validate(self) -> None:
@@ -208,6 +211,12 @@ class InstructConfig(Section):
         check(self.kd_batch_size >= 1, "kd-batch-size must be at least 1")
         check(self.kd_samples >= 0, "kd-samples must be 0 (the whole server split) or more")
         check(self.teacher_cache_mb >= 0.0, "teacher-cache-mb must be 0 or more")
+        check(self.kd_teacher_top_k >= 0, "kd-teacher-top-k must be 0 (the full distribution) or more")
+        check(
+            not is_remote_ref(self.large_model) or self.large_model_quantization == "none",
+            f"large-model={self.large_model!r} is a remote service: its quantization is the service's "
+            "(serve-logits --quantization); leave large-model-quantization='none'",
+        )
         check(self.max_new_tokens >= 0, "max-new-tokens must be 0 (automatic) or more")
 
 

@@ -58,6 +58,7 @@ class DistillConfig:
     lr: float
     batch_size: int
     seed: int
+    teacher_top_k: int = 0  # 0: the full distribution; k: the large model's k largest logits (the rest ruled out)
 
 
 def _forward_at_responses(logits_fn, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -67,16 +68,28 @@ def _forward_at_responses(logits_fn, batch: dict[str, torch.Tensor]) -> torch.Te
     return logits[mask.to(logits.device)]
 
 
-def _large_at_responses(large: LogitsProvider, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _large_at_responses(large: LogitsProvider, batch: dict[str, torch.Tensor], top_k: int = 0) -> torch.Tensor:
     mask = response_positions(batch["labels"])
-    return large.logits_at(batch["input_ids"], batch["attention_mask"], positions_of(batch["attention_mask"]), mask)
+    inputs = (batch["input_ids"], batch["attention_mask"], positions_of(batch["attention_mask"]))
+    return large.logits_at(*inputs, mask, top_k=top_k)
+
+
+def top_k_only(rows: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Each row's `top_k` largest logits, every other one -inf (a top-k teacher: its distribution renormalised
+    over those k tokens, the tail dropped)."""
+    if not top_k or top_k >= rows.shape[-1]:
+        return rows
+    values, indices = rows.topk(top_k, dim=-1)
+    return torch.full_like(rows, -torch.inf).scatter(-1, indices, values)
 
 
 class TeacherCache:
     """`zL - alpha * zs_base` at every response position of the distillation set, computed once.
 
     Stored as one float16 matrix [positions, vocab] (a tensor, or a `np.memmap` file for mode "disk") with
-    per-example row offsets. `rows(indices)` returns the rows of those examples in `collate` order.
+    per-example row offsets. With `top_k`, only the large model's k largest logits of each position are kept:
+    their token ids (int32) and values [positions, k]; the other tokens get -inf. `rows(indices)` returns the
+    dense rows of those examples in `collate` order.
     """
 
     def __init__(
@@ -90,11 +103,14 @@ class TeacherCache:
         budget_mb: float,
         directory: Path,
         batch_size: int = 16,
+        top_k: int = 0,
     ) -> None:
         counts = [response_count(example) for example in examples]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.vocab_size = large.vocab_size
-        self.nbytes = int(self.offsets[-1]) * self.vocab_size * 2
+        self.top_k = top_k if 0 < top_k < self.vocab_size else 0
+        width = self.top_k or self.vocab_size
+        self.nbytes = int(self.offsets[-1]) * width * (6 if self.top_k else 2)  # float16 values (+ int32 ids)
         self.mode = mode if self.nbytes <= budget_mb * 2**20 else "off"
         if mode != "off" and self.mode == "off":
             log(
@@ -104,40 +120,50 @@ class TeacherCache:
                 self.nbytes / 2**20,
                 budget_mb,
             )
-        self.storage: torch.Tensor | np.memmap | None = None
+        self.storage: np.ndarray | None = None  # the values: float16 [positions, k or vocab]
+        self.token_ids: np.ndarray | None = None  # with top_k: int32 [positions, k]
         if self.mode == "off":
             return
         started = time.perf_counter()
-        shape = (int(self.offsets[-1]), self.vocab_size)
-        if self.mode == "disk":
-            directory.mkdir(parents=True, exist_ok=True)
-            self.storage = np.lib.format.open_memmap(
-                directory / "teacher-cache.npy", mode="w+", dtype=np.float16, shape=shape
-            )
-        else:
-            self.storage = torch.empty(shape, dtype=torch.float16)
+        shape = (int(self.offsets[-1]), width)
+        self.storage = self._array(directory, "teacher-cache.npy", shape, np.float16)
+        if self.top_k:
+            self.token_ids = self._array(directory, "teacher-cache-ids.npy", shape, np.int32)
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start : start + batch_size], pad_token_id)
-            rows = self._invariant_part(large, small, alpha, batch).to(torch.float16).cpu()
+            rows = self._invariant_part(large, small, alpha, batch, self.top_k).cpu()
             first, last = self.offsets[start], self.offsets[min(start + batch_size, len(examples))]
-            self.storage[first:last] = rows.numpy() if self.mode == "disk" else rows
-        if isinstance(self.storage, np.memmap):
-            self.storage.flush()
+            if self.top_k:
+                values, token_ids = rows.topk(self.top_k, dim=-1)
+                self.storage[first:last], self.token_ids[first:last] = values.numpy(), token_ids.numpy()
+            else:
+                self.storage[first:last] = rows.numpy()
+        for array in (self.storage, self.token_ids):
+            if isinstance(array, np.memmap):
+                array.flush()
         log(
             INFO,
-            "[fedpt-app] teacher cache: %d positions x %d logits, %.1f MB (%s), built in %.1f s",
+            "[fedpt-app] teacher cache: %d positions x %d logits%s, %.1f MB (%s), built in %.1f s",
             shape[0],
             shape[1],
+            " (top-k)" if self.top_k else "",
             self.nbytes / 2**20,
             self.mode,
             time.perf_counter() - started,
         )
 
+    def _array(self, directory: Path, name: str, shape: tuple[int, int], dtype) -> np.ndarray:
+        if self.mode != "disk":
+            return np.empty(shape, dtype=dtype)
+        directory.mkdir(parents=True, exist_ok=True)
+        return np.lib.format.open_memmap(directory / name, mode="w+", dtype=dtype, shape=shape)
+
     @staticmethod
     def _invariant_part(
-        large: LogitsProvider, small: PeftModel, alpha: float, batch: dict[str, torch.Tensor]
+        large: LogitsProvider, small: PeftModel, alpha: float, batch: dict[str, torch.Tensor], top_k: int
     ) -> torch.Tensor:
-        large_rows = _large_at_responses(large, batch)
+        """`zL - alpha * zs_base` in float32; with `top_k`, -inf outside the large model's top-k."""
+        large_rows = top_k_only(_large_at_responses(large, batch, top_k), top_k)
         with small.disable_adapter():
             base_rows = _forward_at_responses(lambda *a: _no_grad_logits(small, *a), batch)
         return large_rows - alpha * base_rows[:, : large.vocab_size].to(large_rows.device)
@@ -147,10 +173,14 @@ class TeacherCache:
         return self.storage is not None
 
     def rows(self, indices: Sequence[int]) -> torch.Tensor:
-        parts = [self.storage[self.offsets[i] : self.offsets[i + 1]] for i in indices]
-        if self.mode == "disk":
-            return torch.from_numpy(np.concatenate(parts)).float()
-        return torch.cat(parts).float()
+        def gathered(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate([array[self.offsets[i] : self.offsets[i + 1]] for i in indices]))
+
+        values = gathered(self.storage).float()
+        if not self.top_k:
+            return values
+        dense = torch.full((values.shape[0], self.vocab_size), -torch.inf)
+        return dense.scatter(-1, gathered(self.token_ids).long(), values)
 
 
 def _no_grad_logits(model: torch.nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -215,7 +245,15 @@ class ProxyDistiller:
         self.pad_token_id = pad_token_id
         self.small.eval()
         self.cache = TeacherCache(
-            self.examples, large, small, config.alpha, pad_token_id, cache_mode, cache_budget_mb, cache_dir
+            self.examples,
+            large,
+            small,
+            config.alpha,
+            pad_token_id,
+            cache_mode,
+            cache_budget_mb,
+            cache_dir,
+            top_k=config.teacher_top_k,
         )
 
     def batch_indices(self, server_round: int) -> list[list[int]]:
@@ -234,7 +272,9 @@ class ProxyDistiller:
         if self.cache.enabled:
             tuned = _forward_at_responses(lambda *a: _no_grad_logits(self.small, *a), batch)[:, :vocab]
             return self.cache.rows(indices).to(tuned.device) + self.config.alpha * tuned
-        large_rows = _large_at_responses(self.large, batch)
+        large_rows = top_k_only(
+            _large_at_responses(self.large, batch, self.config.teacher_top_k), self.config.teacher_top_k
+        )
         offset = _forward_at_responses(lambda *a: small_offset(self.small, vocab, *a)[0], batch)
         return large_rows + self.config.alpha * offset.to(large_rows.device)
 

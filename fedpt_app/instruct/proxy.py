@@ -22,6 +22,7 @@ from fedpt_app.instruct.decoding import (
 )
 from fedpt_app.instruct.prompts import build_prompt
 from fedpt_app.models.loading import load_causal_lm, load_tokenizer, resolve_model_ref
+from fedpt_app.serving import is_remote_ref
 
 
 class VocabularyMismatchError(ValueError):
@@ -31,13 +32,14 @@ class VocabularyMismatchError(ValueError):
 class LogitsProvider(Protocol):
     """Next-token logits of a causal LM over the shared vocabulary: all the proxy needs of the large model.
 
-    `cache` is the provider's own incremental-decoding state (None to start, or for teacher forcing); a returned
-    cache has `crop(length)`, which drops every position from `length` on (speculative decoding's rollback).
+    `cache` is the provider's own incremental-decoding state (None to start, or for teacher forcing);
+    `decoding.crop_cache(cache, length)` drops every position from `length` on (speculative decoding's rollback).
     `last` asks for the logits of the last `last` new positions only (0: every new position), which is what
     decoding needs and what a remote provider sends over the wire. `logits_at` is teacher forcing: the rows of
-    the positions `mask` [B, T] selects, in row-major order. Logits may come shifted by a constant per position
-    (log-probabilities, as a remote service sends them): the proxy's softmax, argmax and KD targets ignore it.
-    `LocalLogitsProvider` loads the weights; `fedpt_app.serving.remote` queries a `fedpt-app serve-logits`.
+    the positions `mask` [B, T] selects, in row-major order (`top_k`: the caller keeps only each row's k largest,
+    so a remote provider sends only those). Logits may come shifted by a constant per position (log-probabilities,
+    as a remote service sends them): the proxy's softmax, argmax and KD targets ignore it.
+    `LocalLogitsProvider` loads the weights; `fedpt_app.serving.remote` queries a service.
     """
 
     vocab_size: int
@@ -54,26 +56,45 @@ class LogitsProvider(Protocol):
     ) -> tuple[torch.Tensor, Any]: ...
 
     def logits_at(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        top_k: int = 0,
     ) -> torch.Tensor: ...
 
 
 class LocalLogitsProvider:
-    """A causal LM loaded through the project's loader (optionally 8-bit/4-bit), queried for logits only."""
+    """A causal LM loaded through the project's loader (optionally 8-bit/4-bit), queried for logits only: its
+    log-probabilities over the shared vocabulary, exactly what `fedpt-app serve-logits` sends for the same model."""
 
-    def __init__(self, model_ref: str, vocab_size: int, quantization: str = "none") -> None:
-        self.model = load_causal_lm(model_ref, quantization)
+    def __init__(self, model_ref: str, vocab_size: int, quantization: str = "none", spread: bool = False) -> None:
+        self.model = load_causal_lm(model_ref, quantization, spread)
         self.vocab_size = vocab_size
         self.end_token_ids = end_token_ids(self.model)
 
     def logits(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False, last=0):
         keep = {"logits_to_keep": last} if last else {}  # skips the LM head on the positions nobody reads
         logits, cache = causal_lm_logits(self.model, input_ids, attention_mask, position_ids, cache, use_cache, **keep)
-        return logits[:, -last:, : self.vocab_size], cache
+        return torch.log_softmax(logits[:, -last:, : self.vocab_size], dim=-1), cache
 
-    def logits_at(self, input_ids, attention_mask, position_ids, mask):
+    def logits_at(self, input_ids, attention_mask, position_ids, mask, top_k=0):
+        """All rows (`top_k` only saves traffic for a remote provider; the caller keeps the top-k it needs)."""
         logits, _ = self.logits(input_ids, attention_mask, position_ids)
         return logits[mask.to(logits.device)]
+
+
+def load_logits_provider(
+    small_ref: str, large_ref: str, quantization: str = "none", small_tokenizer=None
+) -> LogitsProvider:
+    """The pair's large model: its weights loaded here, or a service queried over the network (a URL, checked
+    against the small's tokenizer on connecting); either way before any training."""
+    if is_remote_ref(large_ref):
+        from fedpt_app.serving.remote import remote_provider
+
+        return remote_provider(large_ref, small_tokenizer or load_tokenizer(small_ref))
+    return LocalLogitsProvider(large_ref, shared_vocab_size(small_ref, large_ref), quantization)
 
 
 def check_logit_widths(vocab_size: int, widths: dict[str, int]) -> int:

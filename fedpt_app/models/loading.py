@@ -185,8 +185,9 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
 
 
 @functools.cache
-def load_causal_lm(ref: str, quantization: str = "none") -> torch.nn.Module:
-    """A frozen base causal LM on the default device; 8-bit/4-bit through bitsandbytes when asked."""
+def load_causal_lm(ref: str, quantization: str = "none", spread: bool = False) -> torch.nn.Module:
+    """A frozen base causal LM on the default device; 8-bit/4-bit through bitsandbytes when asked. `spread` splits
+    it over every GPU there is (`device_map="auto"`: a large model's owner serving it whole)."""
     source = resolve_model_ref(ref)
     device = default_device()
     kwargs: dict = {"dtype": torch.float32 if device.type == "cpu" else torch.bfloat16}
@@ -194,11 +195,13 @@ def load_causal_lm(ref: str, quantization: str = "none") -> torch.nn.Module:
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    if spread and device.type == "cuda":
+        kwargs["device_map"] = "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as error:
         raise ModelLoadError(f"Could not load model {ref!r} ({source}): {error}") from error
-    if quantization_config is None:
+    if "device_map" not in kwargs:
         model.to(device)
     model.requires_grad_(False)
     model.eval()

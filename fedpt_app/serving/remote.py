@@ -1,0 +1,228 @@
+"""The large model as a black box over the network: `LogitsProvider`s for a `fedpt-app serve-logits` service and
+for OpenAI-compatible completion endpoints (vLLM, llama.cpp's server, hosted APIs) that return top-k logprobs.
+
+`large-model = "https://host:port"` (or `http://` on loopback) selects the first, `"openai+https://host/v1#model"`
+the second; the bearer token comes from the environment variable `FEDPT_LOGITS_TOKEN`, never from the run config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import weakref
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import torch
+
+from fedpt_app.serving.wire import PROTOCOL, TAIL_MODES, decode_logprobs, dense_from_top_k, vocabulary_sha256
+
+TOKEN_VARIABLE = "FEDPT_LOGITS_TOKEN"
+OPENAI_SCHEME = "openai+"
+
+
+class RemoteModelError(RuntimeError):
+    """A logits service that cannot be reached, refuses us, or answers outside the protocol."""
+
+
+def checked_url(ref: str) -> str:
+    """The service's base URL: https anywhere, plain http only on this machine (a token in clear text otherwise)."""
+    url = ref.removeprefix(OPENAI_SCHEME).split("#")[0].rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RemoteModelError(f"{ref!r} is not an http(s) URL")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise RemoteModelError(f"{ref!r}: plain http is allowed on loopback only; use https (serve-logits --tls-*)")
+    return url
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def token_from_environment(ref: str) -> str:
+    token = os.environ.get(TOKEN_VARIABLE, "")
+    if not token:
+        raise RemoteModelError(f"large-model={ref!r} is remote: set {TOKEN_VARIABLE} to the service's bearer token")
+    return token
+
+
+class RemoteSession:
+    """A KV cache held by the service: its id and how many positions it holds (`crop` rolls back lazily)."""
+
+    def __init__(self, provider: RemoteLogitsProvider, session_id: str, length: int) -> None:
+        self.session_id, self.length = session_id, length
+        self._finalizer = weakref.finalize(self, provider.close_session, session_id)
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+
+class RemoteLogitsProvider:
+    """`LogitsProvider` over a `fedpt-app serve-logits` service (protocol fedpt-logits/1)."""
+
+    def __init__(
+        self, ref: str, tokenizer, *, token: str | None = None, top_k: int = 0, dtype: str = "float32", timeout_s=300
+    ) -> None:
+        self.url = checked_url(ref)
+        self.top_k, self.dtype = top_k, dtype
+        self.bytes_received = 0
+        self.client = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token or token_from_environment(ref)}"},
+            timeout=timeout_s,
+        )
+        info = self._call("GET", "/v1/info")
+        if info.get("protocol") != PROTOCOL:
+            raise RemoteModelError(f"{self.url} speaks {info.get('protocol')!r}, this client {PROTOCOL!r}")
+        if info["vocabulary_sha256"] != vocabulary_sha256(tokenizer) or info["vocab_size"] != len(tokenizer):
+            from fedpt_app.instruct.proxy import VocabularyMismatchError
+
+            raise VocabularyMismatchError(
+                f"the large model behind {self.url} ({info['model']}, {info['vocab_size']} tokens) does not share "
+                f"the small model's tokenizer ({len(tokenizer)} tokens): proxy-tuning needs a same-family pair"
+            )
+        self.model_name = info["model"]
+        self.vocab_size = info["vocab_size"]
+        self.end_token_ids = tuple(info["end_token_ids"])
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        try:
+            response = self.client.request(method, path, json=body)
+        except httpx.HTTPError as error:
+            raise RemoteModelError(f"{self.url}{path}: {error}") from error
+        self.bytes_received += len(response.content)
+        if response.status_code != 200:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:200]
+            raise RemoteModelError(f"{self.url}{path} answered {response.status_code}: {message}")
+        return response.json()
+
+    def _payload(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **fields: Any) -> dict:
+        return {
+            "input_ids": input_ids.tolist(),
+            "attention_mask": attention_mask.tolist(),
+            "top_k": self.top_k,
+            "dtype": self.dtype,
+        } | fields
+
+    def logits(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False, last=0):
+        """Position ids are implied by the attention mask (left padding), as the service computes them."""
+        if not use_cache:
+            answer = self._call("POST", "/v1/logprobs", self._payload(input_ids, attention_mask, last=last))
+            return self._rows(answer, input_ids.shape[0]), None
+        if cache is None:
+            answer = self._call("POST", "/v1/sessions", self._payload(input_ids, attention_mask, last=last))
+            return self._rows(answer, input_ids.shape[0]), RemoteSession(self, answer["session"], answer["length"])
+        fields = {"last": last, "past": cache.length}
+        answer = self._call(
+            "POST", f"/v1/sessions/{cache.session_id}/extend", self._payload(input_ids, attention_mask, **fields)
+        )
+        cache.length = answer["length"]
+        return self._rows(answer, input_ids.shape[0]), cache
+
+    def logits_at(self, input_ids, attention_mask, position_ids, mask, top_k=0):
+        """Teacher forcing; with `top_k` only each row's k largest log-probabilities cross the wire (the rest -inf)."""
+        fields = {"select": mask.long().tolist(), "top_k": top_k}
+        answer = self._call("POST", "/v1/logprobs", self._payload(input_ids, attention_mask, **fields))
+        return decode_logprobs(answer["logprobs"])
+
+    def _rows(self, answer: dict, batch: int) -> torch.Tensor:
+        return decode_logprobs(answer["logprobs"]).view(batch, -1, self.vocab_size)
+
+    def close_session(self, session_id: str) -> None:
+        """Best effort (the service also expires idle sessions): called when a session's cache is dropped."""
+        with contextlib.suppress(Exception):  # at interpreter exit, or with the service gone, nothing is left to do
+            self.client.delete(f"/v1/sessions/{session_id}")
+
+
+class OpenAICompletionsProvider:
+    """`LogitsProvider` over an OpenAI-compatible `/v1/completions` endpoint that returns top-k `logprobs`.
+
+    An approximation: each position's large-model distribution is known on the returned top-k only; the tail
+    mass (1 - their probabilities) is spread evenly over the other tokens (`tail="uniform"`) or dropped. Token
+    ids go as the prompt and come back as "token_id:N" (vLLM's `return_tokens_as_token_ids`). No server-side
+    cache: each step sends the whole sequence (such servers reuse the shared prefix themselves).
+    """
+
+    def __init__(self, ref: str, tokenizer, *, token: str | None = None, top_k: int = 20, tail: str = "uniform"):
+        if tail not in TAIL_MODES:
+            raise ValueError(f"tail {tail!r}: choose one of {', '.join(TAIL_MODES)}")
+        self.url = checked_url(ref)
+        self.model_name = ref.split("#", 1)[1] if "#" in ref else ""
+        self.top_k, self.tail = top_k, tail
+        self.vocab_size = len(tokenizer)
+        self.end_token_ids = tuple(sorted({tokenizer.eos_token_id} - {None}))
+        self.bytes_received = 0
+        self.client = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {token or token_from_environment(ref)}"}, timeout=300
+        )
+
+    def next_token_logprobs(self, sequences: list[list[int]]) -> torch.Tensor:
+        """[N, V] approximate log-probabilities of the token after each sequence: one request for all of them."""
+        body = {
+            "model": self.model_name,
+            "prompt": sequences,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": self.top_k,
+            "return_tokens_as_token_ids": True,
+        }
+        try:
+            response = self.client.post("/completions", json=body)
+        except httpx.HTTPError as error:
+            raise RemoteModelError(f"{self.url}/completions: {error}") from error
+        self.bytes_received += len(response.content)
+        if response.status_code != 200:
+            raise RemoteModelError(f"{self.url}/completions answered {response.status_code}: {response.text[:200]}")
+        choices = sorted(response.json()["choices"], key=lambda choice: choice["index"])
+        return torch.stack([self._dense(choice["logprobs"]["top_logprobs"][0]) for choice in choices])
+
+    def _dense(self, top: dict[str, float]) -> torch.Tensor:
+        ids = torch.tensor([int(token.removeprefix("token_id:")) for token in top])
+        values = torch.tensor(list(top.values()), dtype=torch.float32)
+        tail = torch.log1p(-values.exp().sum().clamp(max=1.0 - 1e-7))
+        return dense_from_top_k(ids, values, tail, self.vocab_size, self.tail)
+
+    def logits(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False, last=0):
+        if last != 1:
+            raise RemoteModelError("an OpenAI-compatible endpoint gives next-token log-probabilities only (last=1)")
+        history = input_ids if cache is None else torch.cat([cache.ids, input_ids], dim=1)
+        sequences = [row[mask.bool()].tolist() for row, mask in zip(history, attention_mask, strict=True)]
+        rows = self.next_token_logprobs(sequences).unsqueeze(1)
+        return rows, (TokenHistory(history) if use_cache else None)
+
+    def logits_at(self, input_ids, attention_mask, position_ids, mask, top_k=0):
+        """Teacher forcing as one request of every prefix that ends at a selected position (the endpoint's own
+        top-k, whatever `top_k` asks)."""
+        sequences = [
+            input_ids[row, : column + 1][attention_mask[row, : column + 1].bool()].tolist()
+            for row, column in mask.nonzero().tolist()
+        ]
+        return self.next_token_logprobs(sequences)
+
+
+class TokenHistory:
+    """The client-side "cache" of an endpoint without sessions: the token ids so far (padding included)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def crop(self, length: int) -> None:
+        self.ids = self.ids[:, :length]
+
+
+def remote_provider(ref: str, tokenizer, *, top_k: int = 0) -> RemoteLogitsProvider | OpenAICompletionsProvider:
+    """The provider a remote `large-model` reference names (`openai+...` or a serve-logits URL)."""
+    if ref.startswith(OPENAI_SCHEME):
+        return OpenAICompletionsProvider(ref, tokenizer, top_k=top_k or 20)
+    return RemoteLogitsProvider(ref, tokenizer, top_k=top_k)

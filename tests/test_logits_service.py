@@ -1,0 +1,253 @@
+"""The large model behind `serve-logits`: the wire format, the service's answers against the local provider, its
+refusals of bad requests, and the top-k teacher."""
+
+import math
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+
+from fedpt_app.instruct.decoding import DecodingConfig, crop_cache, decode, positions_of
+from fedpt_app.instruct.distill import TeacherCache, top_k_only
+from fedpt_app.instruct.prompts import tokenize_rows
+from fedpt_app.instruct.proxy import LocalLogitsProvider, VocabularyMismatchError, proxy_step, shared_vocab_size
+from fedpt_app.models.loading import load_tokenizer
+from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
+from fedpt_app.serving.logits_service import LogitsEngine, ServiceLimits, create_app
+from fedpt_app.serving.remote import RemoteLogitsProvider, RemoteModelError, checked_url, token_from_environment
+from fedpt_app.serving.wire import decode_logprobs, dense_from_top_k, encode_logprobs
+from tests.conftest import build_tokenizer
+
+TOKEN = "test-token-0123456789abcdef"
+PROMPTS = [
+    "### Instruction:\nwhat is the capital of peru?\n\n### Response:\n",
+    "### Instruction:\nis 7 even or odd?\n\n### Response:\n",
+    "### Instruction:\nhow many letters are in abc?\n\n### Response:\n",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_large(tiny_model_dir, tiny_large_dir):
+    return LocalLogitsProvider(str(tiny_large_dir), shared_vocab_size(str(tiny_model_dir), str(tiny_large_dir)))
+
+
+@pytest.fixture(scope="module")
+def service(tiny_large_dir, local_large):
+    """A real uvicorn server on loopback, in a thread of this process, serving the tiny large model."""
+    limits = ServiceLimits(max_batch=4, max_positions=200, max_sessions=3, session_ttl_s=60.0, max_body_bytes=200_000)
+    engine = LogitsEngine(local_large, load_tokenizer(str(tiny_large_dir)), str(tiny_large_dir), limits)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, TOKEN), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def remote(service, tiny_model_dir):
+    return RemoteLogitsProvider(service[0], load_tokenizer(str(tiny_model_dir)), token=TOKEN)
+
+
+@pytest.fixture(scope="module")
+def tuned_small(tiny_model_dir):
+    model = lora_model(str(tiny_model_dir), LoraSpec(4, 8.0, target_modules=("q_proj", "v_proj")), seed=0)
+    generator = torch.Generator().manual_seed(3)
+    load_adapter_state(
+        model, {key: torch.randn(value.shape, generator=generator) * 0.5 for key, value in adapter_state(model).items()}
+    )
+    model.eval()
+    return model
+
+
+def encoded(tokenizer, prompts):
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+# ---- the wire format ------------------------------------------------------------------------------------------
+def test_top_k_payload_keeps_the_k_largest_and_the_tail_mass_hand_computed():
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.2), math.log(0.3)]])
+    payload = encode_logprobs(logprobs, top_k=2, dtype="float32")
+    dropped = decode_logprobs(payload, "drop")
+    assert dropped[0, 1] == -math.inf
+    assert torch.allclose(dropped[0, [0, 2]], logprobs[0, [0, 2]])
+    # uniform: the tail mass 0.2 spread over the one token not sent gives back its exact log-probability
+    assert torch.allclose(decode_logprobs(payload, "uniform"), logprobs, atol=1e-6)
+    spread = dense_from_top_k(
+        torch.tensor([[0]]), torch.tensor([[math.log(0.6)]]), torch.tensor([math.log(0.4)]), 5, "uniform"
+    )
+    assert torch.allclose(spread.exp(), torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1]]))
+
+
+def test_dense_payloads_round_trip_exactly_in_float32_and_closely_in_float16():
+    rows = torch.log_softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert torch.equal(decode_logprobs(encode_logprobs(rows, 0, "float32")), rows)
+    assert torch.allclose(decode_logprobs(encode_logprobs(rows, 0, "float16")), rows, atol=1e-2)
+
+
+def test_remote_references_need_https_off_loopback_and_a_token(monkeypatch):
+    assert checked_url("http://127.0.0.1:8765/") == "http://127.0.0.1:8765"
+    assert checked_url("https://logits.example.org") == "https://logits.example.org"
+    with pytest.raises(RemoteModelError, match="plain http is allowed on loopback only"):
+        checked_url("http://10.0.0.5:8765")
+    monkeypatch.delenv("FEDPT_LOGITS_TOKEN", raising=False)
+    with pytest.raises(RemoteModelError, match="set FEDPT_LOGITS_TOKEN"):
+        token_from_environment("https://logits.example.org")
+
+
+# ---- the service against the local provider ------------------------------------------------------------------
+def test_stateless_and_teacher_forcing_answers_equal_the_local_provider(remote, local_large, tiny_tokenizer):
+    ids, mask = encoded(tiny_tokenizer, PROMPTS)
+    positions = positions_of(mask)
+    assert torch.equal(
+        remote.logits(ids, mask, positions, last=1)[0], local_large.logits(ids, mask, positions, last=1)[0]
+    )
+    select = mask.clone().bool()
+    select[:, :-3] = False
+    assert torch.equal(
+        remote.logits_at(ids, mask, positions, select), local_large.logits_at(ids, mask, positions, select)
+    )
+
+
+def test_a_session_keeps_the_kv_cache_and_rolls_back_like_the_local_cache(remote, local_large, tiny_tokenizer, service):
+    ids, mask = encoded(tiny_tokenizer, PROMPTS[:2])
+    steps = torch.tensor([[5, 6], [7, 8], [9, 10]])  # three steps of one new token per row
+    results = {}
+    for name, provider in (("remote", remote), ("local", local_large)):
+        rows, cache = provider.logits(ids, mask, positions_of(mask), None, True, last=1)
+        outputs, full_mask = [rows], mask
+        for step in steps:
+            full_mask = torch.cat([full_mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+            rows, cache = provider.logits(step[:, None], full_mask, positions_of(full_mask)[:, -1:], cache, True, 1)
+            outputs.append(rows)
+        crop_cache(cache, ids.shape[1] + 1)  # roll back the last two steps, then redo them as one 2-token extension
+        rows, cache = provider.logits(steps[1:].T, full_mask, positions_of(full_mask)[:, -2:], cache, True, 2)
+        results[name] = (torch.cat(outputs, dim=1), rows)
+    assert torch.equal(results["remote"][0], results["local"][0])
+    assert torch.allclose(results["remote"][1], results["local"][1], atol=1e-5)
+    assert torch.allclose(results["remote"][1], results["remote"][0][:, 2:], atol=1e-5)
+
+
+def test_proxy_decoding_through_the_service_equals_the_local_run(remote, local_large, tuned_small, tiny_tokenizer):
+    config = DecodingConfig(max_new_tokens=12)
+    local = decode(proxy_step(local_large, tuned_small, 1.0), tiny_tokenizer, PROMPTS, config)
+    assert decode(proxy_step(remote, tuned_small, 1.0), tiny_tokenizer, PROMPTS, config) == local
+
+
+def test_a_service_with_another_tokenizer_is_refused(service, tmp_path):
+    other = build_tokenizer(vocab_size=300)
+    with pytest.raises(VocabularyMismatchError, match="does not share the small model's tokenizer"):
+        RemoteLogitsProvider(service[0], other, token=TOKEN)
+
+
+# ---- refusals -------------------------------------------------------------------------------------------------
+def post(url: str, path: str, body=None, token: str = TOKEN, content: bytes | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"}
+    if content is not None:
+        return httpx.post(url + path, content=content, headers=headers | {"content-type": "application/json"})
+    return httpx.post(url + path, json=body, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"input_ids": [[1, 2, 99999]]}, 400, "token ids must be in"),
+        ({"input_ids": [[1, 2], [3]]}, 400, "rectangular"),
+        ({"input_ids": []}, 400, "non-empty"),
+        ({"input_ids": [[1, 2]], "attention_mask": [[1]]}, 400, "attention_mask must be 1 x 2"),
+        ({"input_ids": [[1, 2]], "last": 3}, 400, "last must be in"),
+        ({"input_ids": [[1, 2]], "top_k": -1}, 400, "top_k must be in"),
+        ({"input_ids": [[1, 2]], "colour": "red"}, 400, "colour"),
+        ({"input_ids": [["a"]]}, 400, "malformed request"),
+        ({"input_ids": [[1]] * 5}, 413, "the limit is 4"),
+        ({"input_ids": [[1] * 201]}, 413, "positions per sequence"),
+        ({"input_ids": [[1, 2]], "select": [[1]]}, 400, "select must be"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_message(service, body, status, message):
+    response = post(service[0], "/v1/logprobs", body)
+    assert response.status_code == status
+    assert message in response.json()["error"]["message"]
+
+
+def test_auth_body_size_sessions_and_their_limits(service, tiny_tokenizer):
+    url, engine = service
+    assert post(url, "/v1/logprobs", {"input_ids": [[1]]}, token="wrong").status_code == 401
+    assert httpx.get(url + "/v1/info").status_code == 401
+    assert post(url, "/v1/logprobs", content=b"{not json").status_code == 400
+    assert post(url, "/v1/logprobs", content=b" " * 300_000).status_code == 413
+    assert post(url, "/v1/sessions/nope/extend", {"input_ids": [[1]]}).status_code == 404
+    opened = [post(url, "/v1/sessions", {"input_ids": [[1, 2]]}) for _ in range(3)]
+    assert all(response.status_code == 200 for response in opened)
+    refused = post(url, "/v1/sessions", {"input_ids": [[1, 2]]})
+    assert refused.status_code == 429 and "sessions open" in refused.json()["error"]["message"]
+    session = opened[0].json()["session"]
+    wrong_batch = post(url, f"/v1/sessions/{session}/extend", {"input_ids": [[3], [4]]})
+    assert wrong_batch.status_code == 400
+    too_far = post(url, f"/v1/sessions/{session}/extend", {"input_ids": [[3]], "past": 5})
+    assert too_far.status_code == 400 and "past must be in [0, 2]" in too_far.json()["error"]["message"]
+    # the bad requests left the session as it was: extending it still answers as a fresh 3-token forward
+    extended = post(url, f"/v1/sessions/{session}/extend", {"input_ids": [[3]]}).json()
+    fresh = post(url, "/v1/logprobs", {"input_ids": [[1, 2, 3]]}).json()
+    assert extended["length"] == 3
+    assert torch.allclose(decode_logprobs(extended["logprobs"]), decode_logprobs(fresh["logprobs"]), atol=1e-5)
+    for response in opened:
+        assert (
+            httpx.delete(
+                f"{url}/v1/sessions/{response.json()['session']}", headers={"Authorization": f"Bearer {TOKEN}"}
+            ).status_code
+            == 200
+        )
+    assert engine.sessions == {}
+
+
+# ---- the top-k teacher ----------------------------------------------------------------------------------------
+def test_top_k_only_keeps_each_rows_k_largest_hand_computed():
+    rows = torch.tensor([[1.0, 3.0, 2.0, 0.0], [4.0, -1.0, 5.0, 6.0]])
+    expected = torch.tensor([[-math.inf, 3.0, 2.0, -math.inf], [-math.inf, -math.inf, 5.0, 6.0]])
+    assert torch.equal(top_k_only(rows, 2), expected)
+    assert torch.equal(top_k_only(rows, 0), rows)
+
+
+def test_a_top_k_teacher_cache_over_the_wire_holds_the_full_caches_top_k(
+    remote, local_large, tuned_small, tiny_tokenizer, tmp_path
+):
+    rows = [{"instruction": "is 7 even or odd?", "context": "", "response": "the answer is odd."}] * 3
+    examples, _ = tokenize_rows(tiny_tokenizer, rows, 64, 48)
+    pad = tiny_tokenizer.pad_token_id
+    full = TeacherCache(examples, local_large, tuned_small, 1.0, pad, "memory", 100.0, tmp_path)
+    top = TeacherCache(examples, remote, tuned_small, 1.0, pad, "disk", 100.0, tmp_path, top_k=5)
+    assert top.nbytes == full.nbytes * 5 * 6 // (len(tiny_tokenizer) * 2)
+    dense, sparse = full.rows([0, 2]), top.rows([0, 2])
+    kept = torch.isfinite(sparse)
+    assert kept.sum(-1).eq(5).all()
+    assert torch.allclose(sparse[kept], dense[kept], atol=1e-2)  # float16 storage of the same values
+    large_rows = local_large.logits_at(*encoded_batch(examples[:1], pad))
+    assert torch.equal(kept[: large_rows.shape[0]], torch.isfinite(top_k_only(large_rows, 5)))
+    assert isinstance(top.storage, np.memmap)
+
+
+def encoded_batch(examples, pad):
+    from fedpt_app.instruct.distill import response_positions
+    from fedpt_app.instruct.prompts import collate
+
+    batch = collate(examples, pad)
+    mask = batch["attention_mask"]
+    return batch["input_ids"], mask, positions_of(mask), response_positions(batch["labels"])

@@ -141,3 +141,17 @@ def end_token_ids(*models: object) -> tuple[int, ...]:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         ids.update([eos] if isinstance(eos, int) else eos or [])
     return tuple(sorted(ids))
+
+
+def crop_cache(cache: Any, length: int) -> None:
+    """Drop every cached position from `length` on (speculative decoding's rollback), for any provider's cache.
+
+    transformers' caches take a negative count of positions to remove (the only form every 4.5x-5.x release
+    reads the same way); the project's own remote caches take the length to keep.
+    """
+    if hasattr(cache, "get_seq_length"):
+        surplus = cache.get_seq_length() - length
+        if surplus > 0:
+            cache.crop(-surplus)
+    elif cache is not None:
+        cache.crop(length)

@@ -1,8 +1,12 @@
 """End-to-end `flwr run .` simulations on the embedded tiny preset (pre-trained once into FEDPT_CACHE)."""
 
+import contextlib
 import json
+import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from peft import PeftModel
@@ -12,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from fedpt_app.models.loading import resolve_model_ref, tiny_preset_dir
 from fedpt_app.models.lora import LoraSpec, adapter_state, lora_model, to_array_record
 from fedpt_app.tools.simulation import run_simulation, validate_overrides
+from tests.test_logits_service import free_port
 
 
 def _simulate(tmp_path, overrides: str, num_supernodes: int = 2):
@@ -400,3 +405,50 @@ def test_compare_gives_every_algorithm_the_same_clients_and_reports_mean_and_std
     assert "fedavg-pt[proxy-alpha=0.5]" in summary["algorithms"]
     assert "± " in (output / "comparison.md").read_text()
     assert (output / "rouge_l.png").stat().st_size > 10_000 and (output / "exact_match.png").exists()
+
+
+@pytest.fixture
+def logits_service(tmp_path):
+    """`fedpt-app serve-logits` for the preset's large model, as its owner would start it, in its own process."""
+    token_file = tmp_path / "token"
+    token_file.write_text("e2e-token-0123456789abcdef\n")
+    port = free_port()
+    command = [
+        "fedpt-app",
+        "serve-logits",
+        "--model",
+        "tiny-large",
+        "--port",
+        str(port),
+        "--token-file",
+        str(token_file),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/healthz").status_code == 200:
+                break
+        time.sleep(0.5)
+    assert process.poll() is None, process.stderr.read()
+    yield url, "e2e-token-0123456789abcdef"
+    process.terminate()
+    process.wait(30)
+
+
+def test_fedpt_with_the_large_model_behind_serve_logits_matches_the_local_run(
+    fedpt_run, logits_service, tmp_path, monkeypatch
+):
+    url, token = logits_service
+    monkeypatch.setenv("FEDPT_LOGITS_TOKEN", token)  # the ServerApp reads it; it never enters the run config
+    outcome, output, config = _simulate(tmp_path, f"{QUICK} kd-steps=4 kd-samples=64 large-model='{url}'")
+    assert outcome.succeeded, outcome.log[-3000:]
+    assert config.instruct.large_model == url and token not in json.dumps(config.to_mapping())
+    remote_rows, local_rows = _rows(output), _rows(fedpt_run[1])
+    scores = [key for key in local_rows[1] if key.startswith(("rouge_l_", "exact_match_"))]
+    assert "rouge_l_proxy" in scores and "exact_match_proxy" in scores
+    for remote_row, local_row in zip(remote_rows, local_rows, strict=True):
+        for key in scores + ["kd_loss"]:
+            if local_row.get(key) is not None:
+                assert remote_row[key] == pytest.approx(local_row[key], rel=1e-4, abs=1e-4), (key, remote_row["round"])

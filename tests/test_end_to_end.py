@@ -1,12 +1,9 @@
 """End-to-end `flwr run .` simulations on the embedded tiny preset (pre-trained once into FEDPT_CACHE)."""
 
-import contextlib
 import json
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from peft import PeftModel
@@ -15,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from fedpt_app.models.loading import resolve_model_ref, tiny_preset_dir
 from fedpt_app.models.lora import LoraSpec, adapter_state, lora_model, to_array_record
+from fedpt_app.serving.remote import wait_until_ready
 from fedpt_app.tools.simulation import run_simulation, validate_overrides
 from tests.test_logits_service import free_port
 
@@ -423,15 +421,9 @@ def logits_service(tmp_path):
         "--token-file",
         str(token_file),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/healthz").status_code == 200:
-                break
-        time.sleep(0.5)
-    assert process.poll() is None, process.stderr.read()
+    wait_until_ready(url, process=process)
     yield url, "e2e-token-0123456789abcdef"
     process.terminate()
     process.wait(30)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import uvicorn
 
+from fedpt_app.config import ConfigError
 from fedpt_app.instruct.decoding import DecodingConfig, crop_cache, decode, positions_of
 from fedpt_app.instruct.distill import TeacherCache, top_k_only
 from fedpt_app.instruct.prompts import tokenize_rows
@@ -19,8 +20,16 @@ from fedpt_app.instruct.proxy import LocalLogitsProvider, VocabularyMismatchErro
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
 from fedpt_app.serving.logits_service import LogitsEngine, ServiceLimits, create_app
-from fedpt_app.serving.remote import RemoteLogitsProvider, RemoteModelError, checked_url, token_from_environment
+from fedpt_app.serving.remote import (
+    RemoteLogitsProvider,
+    RemoteModelError,
+    checked_url,
+    openai_options,
+    token_from_environment,
+)
 from fedpt_app.serving.wire import decode_logprobs, dense_from_top_k, encode_logprobs
+from fedpt_app.tools.preflight import preflight
+from fedpt_app.tools.simulation import validate_overrides
 from tests.conftest import build_tokenizer
 
 TOKEN = "test-token-0123456789abcdef"
@@ -112,6 +121,28 @@ def test_remote_references_need_https_off_loopback_and_a_token(monkeypatch):
         token_from_environment("https://logits.example.org")
 
 
+def test_openai_references_carry_the_model_top_k_and_tail_in_the_fragment():
+    assert openai_options("openai+https://h/v1#qwen") == ("qwen", 20, "uniform")
+    assert openai_options("openai+https://h/v1#model=q&top_k=5&tail=drop") == ("q", 5, "drop")
+    with pytest.raises(RemoteModelError, match="unknown option"):
+        openai_options("openai+https://h/v1#model=q&topk=5")
+    with pytest.raises(RemoteModelError, match="top_k must be a positive integer"):
+        openai_options("openai+https://h/v1#model=q&top_k=0")
+
+
+def test_a_remote_large_model_is_refused_where_weights_are_needed_and_without_a_token(monkeypatch):
+    url = "large-model='https://logits.example.org'"
+    with pytest.raises(ConfigError, match="fedavg-large tunes the large model's weights"):
+        validate_overrides(f"algorithm='fedavg-large' {url}")
+    with pytest.raises(ConfigError, match="its quantization is the service's"):
+        validate_overrides(f"{url} large-model-quantization='4bit'")
+    monkeypatch.delenv("FEDPT_LOGITS_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="set FEDPT_LOGITS_TOKEN"):
+        preflight(validate_overrides(url))
+    with pytest.raises(ConfigError, match="plain http is allowed on loopback only"):
+        preflight(validate_overrides("large-model='http://10.1.2.3:8765'"))
+
+
 # ---- the service against the local provider ------------------------------------------------------------------
 def test_stateless_and_teacher_forcing_answers_equal_the_local_provider(remote, local_large, tiny_tokenizer):
     ids, mask = encoded(tiny_tokenizer, PROMPTS)
@@ -172,6 +203,7 @@ def post(url: str, path: str, body=None, token: str = TOKEN, content: bytes | No
         ({"input_ids": [[1, 2], [3]]}, 400, "rectangular"),
         ({"input_ids": []}, 400, "non-empty"),
         ({"input_ids": [[1, 2]], "attention_mask": [[1]]}, 400, "attention_mask must be 1 x 2"),
+        ({"input_ids": [[1, 2]], "attention_mask": [[1, 2]]}, 400, "0 and 1 only"),
         ({"input_ids": [[1, 2]], "last": 3}, 400, "last must be in"),
         ({"input_ids": [[1, 2]], "top_k": -1}, 400, "top_k must be in"),
         ({"input_ids": [[1, 2]], "colour": "red"}, 400, "colour"),

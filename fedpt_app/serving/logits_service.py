@@ -69,15 +69,18 @@ class SessionRequest(_Strict):
 
 
 class ExtendRequest(SessionRequest):
-    past: int | None = None  # keep this many cached positions first (default: all); the mask covers past + new
+    past: int | None = None  # keep this many cached positions first (default: all); the mask covers the new ones
 
 
 @dataclass
 class Session:
     cache: Any
-    batch: int
-    length: int
+    attention_mask: torch.Tensor  # [B, length]: the mask of every cached position
     last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
 
 
 class LogitsEngine:
@@ -98,7 +101,7 @@ class LogitsEngine:
 
     # ---- validation -----------------------------------------------------------------------------------------
     def tensors(self, request: SessionRequest, past: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input ids [B, t], attention mask [B, past + t]) after checking shapes, ranges and limits."""
+        """(input ids [B, t], their attention mask [B, t]) after checking shapes, ranges and limits."""
         ids, limits = request.input_ids, self.limits
         if not ids or not ids[0]:
             raise RequestError(400, "input_ids must be a non-empty batch of non-empty sequences")
@@ -116,12 +119,10 @@ class LogitsEngine:
         input_ids = torch.tensor(ids, dtype=torch.long)
         if input_ids.min() < 0 or input_ids.max() >= self.vocab_size:
             raise RequestError(400, f"token ids must be in [0, {self.vocab_size}) (the vocabulary of {self.model_ref})")
-        mask = request.attention_mask
-        if mask is None:
-            mask = [[1] * (past + width) for _ in ids]
+        mask = request.attention_mask if request.attention_mask is not None else [[1] * width for _ in ids]
         attention_mask = torch.tensor(mask, dtype=torch.long) if mask and mask[0] else torch.zeros(0)
-        if tuple(attention_mask.shape) != (len(ids), past + width):
-            raise RequestError(400, f"attention_mask must be {len(ids)} x {past + width} (past + new positions)")
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise RequestError(400, f"attention_mask must be {len(ids)} x {width}, the shape of input_ids")
         if ((attention_mask != 0) & (attention_mask != 1)).any():
             raise RequestError(400, "attention_mask must hold 0 and 1 only")
         if not 0 <= request.last <= width:
@@ -176,7 +177,7 @@ class LogitsEngine:
             )
         rows, cache = self.logprobs(input_ids, attention_mask, use_cache=True, last=request.last)
         session_id = uuid.uuid4().hex
-        self.sessions[session_id] = Session(cache, input_ids.shape[0], input_ids.shape[1])
+        self.sessions[session_id] = Session(cache, attention_mask)
         return {
             "session": session_id,
             "length": input_ids.shape[1],
@@ -188,16 +189,18 @@ class LogitsEngine:
         past = session.length if request.past is None else request.past
         if not 0 <= past <= session.length:
             raise RequestError(400, f"past must be in [0, {session.length}] (the session's cached positions)")
-        input_ids, attention_mask = self.tensors(request, past)
-        if input_ids.shape[0] != session.batch:
-            raise RequestError(400, f"the session holds {session.batch} sequences, got {input_ids.shape[0]}")
+        input_ids, new_mask = self.tensors(request, past)
+        batch = session.attention_mask.shape[0]
+        if input_ids.shape[0] != batch:
+            raise RequestError(400, f"the session holds {batch} sequences, got {input_ids.shape[0]}")
+        attention_mask = torch.cat([session.attention_mask[:, :past], new_mask], dim=1)
         try:
             crop_cache(session.cache, past)
             rows, session.cache = self.logprobs(input_ids, attention_mask, session.cache, True, request.last)
         except Exception as error:  # its cache may be half-updated: this session only is lost
             del self.sessions[session_id]
             raise RequestError(500, f"the forward failed ({error}); session {session_id} was closed") from error
-        session.length, session.last_used = past + input_ids.shape[1], time.monotonic()
+        session.attention_mask, session.last_used = attention_mask, time.monotonic()
         return {
             "session": session_id,
             "length": session.length,

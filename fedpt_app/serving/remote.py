@@ -1,8 +1,9 @@
 """The large model as a black box over the network: `LogitsProvider`s for a `fedpt-app serve-logits` service and
 for OpenAI-compatible completion endpoints (vLLM, llama.cpp's server, hosted APIs) that return top-k logprobs.
 
-`large-model = "https://host:port"` (or `http://` on loopback) selects the first, `"openai+https://host/v1#model"`
-the second; the bearer token comes from the environment variable `FEDPT_LOGITS_TOKEN`, never from the run config.
+`large-model = "https://host:port"` (or `http://` on loopback) selects the first,
+`"openai+https://host/v1#model=NAME&top_k=20&tail=uniform"` (or just `#NAME`) the second; the bearer token comes
+from the environment variable `FEDPT_LOGITS_TOKEN`, never from the run config.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import time
 import weakref
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import torch
@@ -73,7 +75,7 @@ class RemoteLogitsProvider:
     ) -> None:
         self.url = checked_url(ref)
         self.top_k, self.dtype = top_k, dtype
-        self.bytes_received = 0
+        self.bytes_sent = self.bytes_received = 0  # what crossed the wire (bodies only), for the benchmarks
         self.client = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token or token_from_environment(ref)}"},
@@ -98,6 +100,7 @@ class RemoteLogitsProvider:
             response = self.client.request(method, path, json=body)
         except httpx.HTTPError as error:
             raise RemoteModelError(f"{self.url}{path}: {error}") from error
+        self.bytes_sent += len(response.request.content)
         self.bytes_received += len(response.content)
         if response.status_code != 200:
             try:
@@ -123,9 +126,10 @@ class RemoteLogitsProvider:
         if cache is None:
             answer = self._call("POST", "/v1/sessions", self._payload(input_ids, attention_mask, last=last))
             return self._rows(answer, input_ids.shape[0]), RemoteSession(self, answer["session"], answer["length"])
+        new_mask = attention_mask[:, -input_ids.shape[1] :]  # the service keeps the mask of what it caches
         fields = {"last": last, "past": cache.length}
         answer = self._call(
-            "POST", f"/v1/sessions/{cache.session_id}/extend", self._payload(input_ids, attention_mask, **fields)
+            "POST", f"/v1/sessions/{cache.session_id}/extend", self._payload(input_ids, new_mask, **fields)
         )
         cache.length = answer["length"]
         return self._rows(answer, input_ids.shape[0]), cache
@@ -154,15 +158,12 @@ class OpenAICompletionsProvider:
     cache: each step sends the whole sequence (such servers reuse the shared prefix themselves).
     """
 
-    def __init__(self, ref: str, tokenizer, *, token: str | None = None, top_k: int = 20, tail: str = "uniform"):
-        if tail not in TAIL_MODES:
-            raise ValueError(f"tail {tail!r}: choose one of {', '.join(TAIL_MODES)}")
+    def __init__(self, ref: str, tokenizer, *, token: str | None = None) -> None:
         self.url = checked_url(ref)
-        self.model_name = ref.split("#", 1)[1] if "#" in ref else ""
-        self.top_k, self.tail = top_k, tail
+        self.model_name, self.top_k, self.tail = openai_options(ref)
         self.vocab_size = len(tokenizer)
         self.end_token_ids = tuple(sorted({tokenizer.eos_token_id} - {None}))
-        self.bytes_received = 0
+        self.bytes_sent = self.bytes_received = 0
         self.client = httpx.Client(
             base_url=self.url, headers={"Authorization": f"Bearer {token or token_from_environment(ref)}"}, timeout=300
         )
@@ -181,6 +182,7 @@ class OpenAICompletionsProvider:
             response = self.client.post("/completions", json=body)
         except httpx.HTTPError as error:
             raise RemoteModelError(f"{self.url}/completions: {error}") from error
+        self.bytes_sent += len(response.request.content)
         self.bytes_received += len(response.content)
         if response.status_code != 200:
             raise RemoteModelError(f"{self.url}/completions answered {response.status_code}: {response.text[:200]}")
@@ -188,7 +190,17 @@ class OpenAICompletionsProvider:
         return torch.stack([self._dense(choice["logprobs"]["top_logprobs"][0]) for choice in choices])
 
     def _dense(self, top: dict[str, float]) -> torch.Tensor:
-        ids = torch.tensor([int(token.removeprefix("token_id:")) for token in top])
+        try:
+            ids = torch.tensor([int(token.removeprefix("token_id:")) for token in top])
+        except ValueError:
+            raise RemoteModelError(
+                f"{self.url} returned tokens as text ({next(iter(top))!r}), not as 'token_id:N': it must support "
+                "return_tokens_as_token_ids (vLLM, fedpt-app serve)"
+            ) from None
+        if ids.max() >= self.vocab_size:
+            raise RemoteModelError(
+                f"{self.url} returned token id {int(ids.max())}, outside the small model's vocabulary"
+            )
         values = torch.tensor(list(top.values()), dtype=torch.float32)
         tail = torch.log1p(-values.exp().sum().clamp(max=1.0 - 1e-7))
         return dense_from_top_k(ids, values, tail, self.vocab_size, self.tail)
@@ -211,6 +223,22 @@ class OpenAICompletionsProvider:
         return self.next_token_logprobs(sequences)
 
 
+def openai_options(ref: str) -> tuple[str, int, str]:
+    """(model name, top-k, tail mode) from the reference's fragment: `#NAME` or `#model=NAME&top_k=20&tail=drop`."""
+    fragment = ref.partition("#")[2]
+    if fragment and "=" not in fragment:
+        fragment = f"model={fragment}"
+    options = {key: values[-1] for key, values in parse_qs(fragment).items()}
+    unknown = set(options) - {"model", "top_k", "tail"}
+    if unknown:
+        raise RemoteModelError(f"{ref!r}: unknown option(s) {sorted(unknown)} (model, top_k, tail)")
+    if not options.get("top_k", "20").isdigit() or int(options.get("top_k", "20")) < 1:
+        raise RemoteModelError(f"{ref!r}: top_k must be a positive integer")
+    if options.get("tail", "uniform") not in TAIL_MODES:
+        raise RemoteModelError(f"{ref!r}: tail must be one of {', '.join(TAIL_MODES)}")
+    return options.get("model", ""), int(options.get("top_k", "20")), options.get("tail", "uniform")
+
+
 class TokenHistory:
     """The client-side "cache" of an endpoint without sessions: the token ids so far (padding included)."""
 
@@ -221,8 +249,21 @@ class TokenHistory:
         self.ids = self.ids[:, :length]
 
 
-def remote_provider(ref: str, tokenizer, *, top_k: int = 0) -> RemoteLogitsProvider | OpenAICompletionsProvider:
+def remote_provider(ref: str, tokenizer) -> RemoteLogitsProvider | OpenAICompletionsProvider:
     """The provider a remote `large-model` reference names (`openai+...` or a serve-logits URL)."""
     if ref.startswith(OPENAI_SCHEME):
-        return OpenAICompletionsProvider(ref, tokenizer, top_k=top_k or 20)
-    return RemoteLogitsProvider(ref, tokenizer, top_k=top_k)
+        return OpenAICompletionsProvider(ref, tokenizer)
+    return RemoteLogitsProvider(ref, tokenizer)
+
+
+def wait_until_ready(url: str, timeout_s: float = 120.0, process=None) -> None:
+    """Block until a service answers /healthz (a freshly started one loads its model first)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RemoteModelError(f"the service at {url} exited with status {process.returncode} while starting")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise RemoteModelError(f"no answer from {url}/healthz within {timeout_s:g} s")

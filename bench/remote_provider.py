@@ -1,0 +1,140 @@
+"""The large model behind `fedpt-app serve-logits` (another process, loopback) vs loaded in this process: proxy
+decoding tokens/s, the teacher cache's build time, and the bytes on the wire, measured side by side in one run.
+
+    python bench/remote_provider.py [--run DIR] [--new-tokens 32] [--batch-sizes 1,8] [--repeats 3] [--top-k 20]
+
+--run takes a finished FedPT run's small model, large model and adapter (default: the preset's models with a
+random adapter). Targets: remote decoding >= 0.8 x local at batch 1 and 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from fedpt_app.instruct.data import load_splits, load_test_rows
+from fedpt_app.instruct.decoding import DecodingConfig, decode
+from fedpt_app.instruct.distill import TeacherCache
+from fedpt_app.instruct.prompts import build_prompt, tokenize_rows
+from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step, shared_vocab_size
+from fedpt_app.models.loading import load_causal_lm, load_tokenizer
+from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
+from fedpt_app.serving.remote import RemoteLogitsProvider, wait_until_ready
+from fedpt_app.tools.simulation import validate_overrides
+
+PORT = 18765
+
+
+def tuned_small(args, config):
+    """(small with its adapter, small ref, large ref): a finished run's, or the preset's with a random adapter."""
+    if args.run:
+        summary = json.loads((Path(args.run) / "summary.json").read_text())
+        small = PeftModel.from_pretrained(load_causal_lm(summary["small_model"]), summary["adapter_dir"])
+        return small, summary["small_model"], summary["large_model"]
+    instruct = config.instruct
+    small = lora_model(instruct.small_model, LoraSpec.from_settings(config.lora), seed=config.seed)
+    generator = torch.Generator().manual_seed(0)
+    load_adapter_state(
+        small, {k: 0.05 * torch.randn(v.shape, generator=generator) for k, v in adapter_state(small).items()}
+    )
+    return small, instruct.small_model, instruct.large_model
+
+
+def start_service(large_ref: str, token_file: Path) -> subprocess.Popen:
+    command = ["fedpt-app", "serve-logits", "--model", large_ref, "--port", str(PORT), "--token-file", str(token_file)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until_ready(f"http://127.0.0.1:{PORT}", timeout_s=600, process=process)
+    return process
+
+
+def wire_bytes(provider: RemoteLogitsProvider) -> int:
+    return provider.bytes_sent + provider.bytes_received
+
+
+def bench_decoding(args, small, tokenizer, local, remote, prompts_pool) -> None:
+    decoding = DecodingConfig(max_new_tokens=args.new_tokens, stop_strings=(), ignore_eos=True)
+    print(f"\ndecoding ({args.new_tokens} new tokens, greedy, EOS ignored; median of {args.repeats} interleaved runs)")
+    print(
+        f"{'batch':>6}{'local tok/s':>13}{'remote tok/s':>14}{'remote/local':>14}{'bytes/token':>13}{'same output':>13}"
+    )
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        prompts = prompts_pool[:batch_size]
+        decode(proxy_step(remote, small, 1.0), tokenizer, prompts, DecodingConfig(max_new_tokens=2))  # warm-up
+        rates: dict[str, list[float]] = {"local": [], "remote": []}
+        outputs, sent = {}, 0
+        for _ in range(args.repeats):
+            for name, provider in (("local", local), ("remote", remote)):
+                before = wire_bytes(remote)
+                began = time.perf_counter()
+                outputs[name] = decode(proxy_step(provider, small, 1.0), tokenizer, prompts, decoding)
+                rates[name].append(batch_size * args.new_tokens / (time.perf_counter() - began))
+                sent = wire_bytes(remote) - before if name == "remote" else sent
+        local_rate, remote_rate = statistics.median(rates["local"]), statistics.median(rates["remote"])
+        print(
+            f"{batch_size:>6}{local_rate:>13.1f}{remote_rate:>14.1f}{remote_rate / local_rate:>14.2f}"
+            f"{sent / (batch_size * args.new_tokens):>13,.0f}{str(outputs['local'] == outputs['remote']):>13}"
+        )
+
+
+def bench_teacher_cache(args, config, small, tokenizer, local, remote) -> None:
+    rows = load_splits(config.data.dataset, config.data.test_fraction, config.seed)["server"]
+    examples, _ = tokenize_rows(tokenizer, rows, config.training.max_length, config.training.max_length // 2)
+    pad, directory = tokenizer.pad_token_id, Path(tempfile.mkdtemp())
+    print(f"\nteacher cache over the server split ({len(examples)} examples)")
+    print(f"{'large model':<24}{'seconds':>9}{'cache MB':>10}{'positions':>11}{'wire bytes/position':>21}")
+    for name, provider, top_k in (
+        ("local", local, 0),
+        ("remote", remote, 0),
+        (f"remote, top-{args.top_k}", remote, args.top_k),
+    ):
+        before = wire_bytes(remote)
+        began = time.perf_counter()
+        cache = TeacherCache(examples, provider, small, 1.0, pad, "memory", 1e6, directory, top_k=top_k)
+        seconds = time.perf_counter() - began
+        positions = int(cache.offsets[-1])
+        per_position = (wire_bytes(remote) - before) / positions if provider is remote else 0
+        print(f"{name:<24}{seconds:>9.2f}{cache.nbytes / 2**20:>10.2f}{positions:>11}{per_position:>21,.0f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-config", default="")
+    parser.add_argument("--run", default="", help="a finished FedPT run's output-dir")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--top-k", type=int, default=20)
+    args = parser.parse_args()
+    config = validate_overrides(args.run_config)
+    small, small_ref, large_ref = tuned_small(args, config)
+    small.eval()
+    tokenizer = load_tokenizer(small_ref)
+    local = LocalLogitsProvider(large_ref, shared_vocab_size(small_ref, large_ref))
+    with tempfile.TemporaryDirectory() as folder:
+        token = os.urandom(16).hex()
+        (Path(folder) / "token").write_text(token)
+        service = start_service(large_ref, Path(folder) / "token")
+        try:
+            remote = RemoteLogitsProvider(f"http://127.0.0.1:{PORT}", tokenizer, token=token)
+            print(f"pair {small_ref} / {large_ref} (vocabulary {local.vocab_size}), {torch.get_num_threads()} threads")
+            rows = load_test_rows(config.data.dataset, config.data.test_dataset, config.data.test_fraction, config.seed)
+            prompts = [build_prompt(row["instruction"], row.get("context", "")) for row in rows]
+            bench_decoding(args, small, tokenizer, local, remote, prompts)
+            bench_teacher_cache(args, config, small, tokenizer, local, remote)
+        finally:
+            service.terminate()
+            service.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

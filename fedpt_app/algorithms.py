@@ -31,6 +31,7 @@ class Algorithm:
     description: str
     color: str  # its line in comparison plots
     aligns_during_fl: bool = False  # changes the clients' base model during FL (FedPFT's neuron-level alignment)
+    tunes_large_weights: bool = False  # needs the large model's weights, not only its logits (FedAvg-large)
 
 
 FAMILIES = {
@@ -70,6 +71,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "fedpt_app.instruct.strategies.fedavg_large:FedAvgLarge",
             "FedAvg of the large model's own LoRA adapter (the white-box reference)",
             "#2ca02c",
+            tunes_large_weights=True,
         ),
         Algorithm(
             "fedpetuning",

@@ -117,8 +117,8 @@ class RunConfig:
                 f"small-model, large-model and dataset",
             )
             check(
-                not (self.method.name == "fedavg-large" and is_remote_ref(self.instruct.large_model)),
-                f"fedavg-large tunes the large model's weights; large-model={self.instruct.large_model!r} is a "
+                not (self.method.tunes_large_weights and is_remote_ref(self.instruct.large_model)),
+                f"{self.algorithm} tunes the large model's weights; large-model={self.instruct.large_model!r} is a "
                 "remote service that only answers with logits",
             )
             return

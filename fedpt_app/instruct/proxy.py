@@ -22,7 +22,6 @@ from fedpt_app.instruct.decoding import (
 )
 from fedpt_app.instruct.prompts import build_prompt
 from fedpt_app.models.loading import load_causal_lm, load_tokenizer, resolve_model_ref
-from fedpt_app.serving import is_remote_ref
 
 
 class VocabularyMismatchError(ValueError):
@@ -39,7 +38,8 @@ class LogitsProvider(Protocol):
     the positions `mask` [B, T] selects, in row-major order (`top_k`: the caller keeps only each row's k largest,
     so a remote provider sends only those). Logits may come shifted by a constant per position (log-probabilities,
     as a remote service sends them): the proxy's softmax, argmax and KD targets ignore it.
-    `LocalLogitsProvider` loads the weights; `fedpt_app.serving.remote` queries a service.
+    `LocalLogitsProvider` loads the weights; `fedpt_app.serving.remote` queries a service; `fedpt_app.serving.
+    providers.load_logits_provider` picks one from a `large-model` reference.
     """
 
     vocab_size: int
@@ -83,18 +83,6 @@ class LocalLogitsProvider:
         """All rows (`top_k` only saves traffic for a remote provider; the caller keeps the top-k it needs)."""
         logits, _ = self.logits(input_ids, attention_mask, position_ids)
         return logits[mask.to(logits.device)]
-
-
-def load_logits_provider(
-    small_ref: str, large_ref: str, quantization: str = "none", small_tokenizer=None
-) -> LogitsProvider:
-    """The pair's large model: its weights loaded here, or a service queried over the network (a URL, checked
-    against the small's tokenizer on connecting); either way before any training."""
-    if is_remote_ref(large_ref):
-        from fedpt_app.serving.remote import remote_provider
-
-        return remote_provider(large_ref, small_tokenizer or load_tokenizer(small_ref))
-    return LocalLogitsProvider(large_ref, shared_vocab_size(small_ref, large_ref), quantization)
 
 
 def check_logit_widths(vocab_size: int, widths: dict[str, int]) -> int:

@@ -213,31 +213,39 @@ class LogitsEngine:
         return {"closed": session_id}
 
 
-def create_app(engine: LogitsEngine, token: str) -> FastAPI:
-    """The service's routes over `engine`; `token` is the bearer token every call but /healthz must carry."""
-    if not token:
-        raise ValueError("the service needs a non-empty bearer token")
-    app = FastAPI(title="fedpt-app logits service", version=PROTOCOL)
-    forward_lock = asyncio.Lock()
+class Gate:
+    """What every call passes first: the bearer token, the body size, the body's schema."""
 
-    def authorize(request: Request) -> None:
+    def __init__(self, token: str, max_body_bytes: int) -> None:
+        if not token:
+            raise ValueError("the service needs a non-empty bearer token")
+        self.token, self.max_body_bytes = token.encode(), max_body_bytes
+
+    def authorize(self, request: Request) -> None:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), self.token):
             raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
 
-    async def parsed(request: Request, model: type[BaseModel]) -> Any:
-        authorize(request)
-        declared = request.headers.get("content-length")
-        if declared and int(declared) > engine.limits.max_body_bytes:
-            raise RequestError(413, f"request body over {engine.limits.max_body_bytes} bytes")
+    async def parsed(self, request: Request, model: type[BaseModel]) -> Any:
+        self.authorize(request)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:  # refused before reading it
+            raise RequestError(413, f"request body over {self.max_body_bytes} bytes")
         body = await request.body()
-        if len(body) > engine.limits.max_body_bytes:
-            raise RequestError(413, f"request body over {engine.limits.max_body_bytes} bytes")
+        if len(body) > self.max_body_bytes:
+            raise RequestError(413, f"request body over {self.max_body_bytes} bytes")
         try:
             return model.model_validate_json(body)
         except ValidationError as error:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:5])
             raise RequestError(400, f"malformed request: {problems}") from None
+
+
+def create_app(engine: LogitsEngine, token: str) -> FastAPI:
+    """The service's routes over `engine`; `token` is the bearer token every call but /healthz must carry."""
+    gate = Gate(token, engine.limits.max_body_bytes)
+    app = FastAPI(title="fedpt-app logits service", version=PROTOCOL)
+    forward_lock = asyncio.Lock()
 
     async def run(work, *args) -> JSONResponse:
         async with forward_lock:  # one forward at a time: the model's threads are the machine's
@@ -253,24 +261,24 @@ def create_app(engine: LogitsEngine, token: str) -> FastAPI:
 
     @app.get("/v1/info")
     async def info(request: Request) -> dict:
-        authorize(request)
+        gate.authorize(request)
         return engine.info | {"open_sessions": len(engine.sessions)}
 
     @app.post("/v1/logprobs")
     async def logprobs(request: Request) -> JSONResponse:
-        return await run(engine.stateless, await parsed(request, LogprobsRequest))
+        return await run(engine.stateless, await gate.parsed(request, LogprobsRequest))
 
     @app.post("/v1/sessions")
     async def open_session(request: Request) -> JSONResponse:
-        return await run(engine.open_session, await parsed(request, SessionRequest))
+        return await run(engine.open_session, await gate.parsed(request, SessionRequest))
 
     @app.post("/v1/sessions/{session_id}/extend")
     async def extend(session_id: str, request: Request) -> JSONResponse:
-        return await run(engine.extend, session_id, await parsed(request, ExtendRequest))
+        return await run(engine.extend, session_id, await gate.parsed(request, ExtendRequest))
 
     @app.delete("/v1/sessions/{session_id}")
     async def close(session_id: str, request: Request) -> dict:
-        authorize(request)
+        gate.authorize(request)
         async with forward_lock:
             return engine.close(session_id)
 

@@ -22,13 +22,13 @@ from fedpt_app.instruct.prompts import Truncation, covering_length, fit_prompt
 from fedpt_app.instruct.proxy import (
     LogitsProvider,
     large_only_step,
-    load_logits_provider,
     proxy_step,
     refuse_embedding_lora,
 )
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, load_adapter_state, lora_model
 from fedpt_app.protocol import RoundConfig
+from fedpt_app.serving.providers import load_logits_provider
 
 
 class InstructStrategy(FederatedStrategy):

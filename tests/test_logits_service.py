@@ -3,14 +3,11 @@ refusals of bad requests, and the top-k teacher."""
 
 import math
 import socket
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 
 from fedpt_app.config import ConfigError
 from fedpt_app.instruct.decoding import DecodingConfig, crop_cache, decode, positions_of
@@ -19,8 +16,13 @@ from fedpt_app.instruct.prompts import tokenize_rows
 from fedpt_app.instruct.proxy import LocalLogitsProvider, VocabularyMismatchError, proxy_step, shared_vocab_size
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
+from fedpt_app.serving.background import serve_in_background
 from fedpt_app.serving.logits_service import LogitsEngine, ServiceLimits, create_app
+from fedpt_app.serving.openai_api import create_app as create_openai_app
+from fedpt_app.serving.openai_api import load_served_model
+from fedpt_app.serving.openai_schema import ServerSettings
 from fedpt_app.serving.remote import (
+    OpenAICompletionsProvider,
     RemoteLogitsProvider,
     RemoteModelError,
     checked_url,
@@ -56,16 +58,8 @@ def service(tiny_large_dir, local_large):
     """A real uvicorn server on loopback, in a thread of this process, serving the tiny large model."""
     limits = ServiceLimits(max_batch=4, max_positions=200, max_sessions=3, session_ttl_s=60.0, max_body_bytes=200_000)
     engine = LogitsEngine(local_large, load_tokenizer(str(tiny_large_dir)), str(tiny_large_dir), limits)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, TOKEN), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_background(create_app(engine, TOKEN)) as url:
+        yield url, engine
 
 
 @pytest.fixture
@@ -186,6 +180,32 @@ def test_a_service_with_another_tokenizer_is_refused(service, tmp_path):
     other = build_tokenizer(vocab_size=300)
     with pytest.raises(VocabularyMismatchError, match="does not share the small model's tokenizer"):
         RemoteLogitsProvider(service[0], other, token=TOKEN)
+
+
+def test_an_openai_compatible_endpoints_top_k_gives_the_proxy_over_the_full_vocabulary(
+    local_large, tuned_small, tiny_tokenizer, tiny_large_dir
+):
+    """`large-model='openai+http://…'` against `fedpt-app serve --model large` (a real server): with k = the whole
+    vocabulary the proxy decodes exactly as with full log-probabilities; with k = 5 the other tokens share the tail."""
+    served = load_served_model("large", "", str(tiny_large_dir), "")
+    app = create_openai_app(served, ServerSettings(max_logprobs=len(tiny_tokenizer)))
+    config = DecodingConfig(max_new_tokens=8)
+    expected = decode(proxy_step(local_large, tuned_small, 1.0), tiny_tokenizer, PROMPTS, config)
+    with serve_in_background(app) as url:
+        ref = f"openai+{url}/v1#model={served.name}&top_k={len(tiny_tokenizer)}"
+        everything = OpenAICompletionsProvider(ref, tiny_tokenizer, token="unused")
+        assert decode(proxy_step(everything, tuned_small, 1.0), tiny_tokenizer, PROMPTS, config) == expected
+        few = OpenAICompletionsProvider(f"openai+{url}/v1#model={served.name}&top_k=5", tiny_tokenizer, token="x")
+        ids, mask = encoded(tiny_tokenizer, PROMPTS)
+        rows = few.logits(ids, mask, positions_of(mask), last=1)[0][:, -1]
+    full = local_large.logits(ids, mask, positions_of(mask), last=1)[0][:, -1]
+    top = full.topk(5, dim=-1).indices
+    assert torch.allclose(rows.gather(-1, top), full.gather(-1, top), atol=1e-4)
+    tail = torch.log1p(-full.gather(-1, top).exp().sum(-1)) - math.log(len(tiny_tokenizer) - 5)
+    others = torch.ones_like(rows, dtype=torch.bool).scatter(-1, top, False)
+    assert torch.allclose(
+        rows[others].view(len(PROMPTS), -1), tail[:, None].expand(-1, len(tiny_tokenizer) - 5), atol=1e-4
+    )
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------

@@ -256,14 +256,14 @@ def remote_provider(ref: str, tokenizer) -> RemoteLogitsProvider | OpenAIComplet
     return RemoteLogitsProvider(ref, tokenizer)
 
 
-def wait_until_ready(url: str, timeout_s: float = 120.0, process=None) -> None:
-    """Block until a service answers /healthz (a freshly started one loads its model first)."""
+def wait_until_ready(url: str, timeout_s: float = 120.0, process=None, path: str = "/healthz") -> None:
+    """Block until a service answers `path` with 200 (a freshly started one loads its model first)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RemoteModelError(f"the service at {url} exited with status {process.returncode} while starting")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
                 return
         time.sleep(0.25)
-    raise RemoteModelError(f"no answer from {url}/healthz within {timeout_s:g} s")
+    raise RemoteModelError(f"no answer from {url}{path} within {timeout_s:g} s")

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedpt_app import algorithms
-from fedpt_app.config import QUANTIZATIONS, ConfigError, RunConfig, default_output_root
+from fedpt_app.config import ConfigError, RunConfig, default_output_root
+from fedpt_app.tools.serving_commands import add_serving_commands
 
 if TYPE_CHECKING:
     from fedpt_app.tools.simulation import SimulationOutcome
@@ -145,65 +146,6 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate(args: argparse.Namespace) -> int:
-    """Answer instructions with the proxy-tuned large model: large + alpha * (small with adapter - small)."""
-    from peft import PeftModel
-
-    from fedpt_app.instruct.decoding import DEFAULT_STOP_STRINGS, DecodingConfig
-    from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_generate, shared_vocab_size
-    from fedpt_app.models.loading import load_causal_lm, load_tokenizer
-
-    small_ref, large_ref, adapter_dir = _generation_models(args)
-    vocab_size = shared_vocab_size(small_ref, large_ref)
-    small = PeftModel.from_pretrained(load_causal_lm(small_ref), adapter_dir)
-    large = LocalLogitsProvider(large_ref, vocab_size, args.quantization)
-    config = DecodingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        stop_strings=tuple(args.stop) if args.stop is not None else DEFAULT_STOP_STRINGS,
-        seed=args.seed,
-    )
-    answers = proxy_generate(
-        large,
-        small,
-        load_tokenizer(small_ref),
-        args.prompts,
-        alpha=args.alpha,
-        config=config,
-        contexts=[args.context] * len(args.prompts),
-    )
-    for prompt, answer in zip(args.prompts, answers, strict=True):
-        print(json.dumps({"instruction": prompt, "response": answer}, ensure_ascii=False) if args.json else answer)
-    return 0
-
-
-def _generation_models(args: argparse.Namespace) -> tuple[str, str, str]:
-    """(small, large, adapter folder) from the flags, or from a finished run's summary.json (`--run DIR`)."""
-    small, large, adapter = args.small, args.large, args.adapter
-    if args.run:
-        summary_path = Path(args.run) / "summary.json"
-        if not summary_path.is_file():
-            raise ConfigError(f"--run {args.run!r}: no summary.json there (is it a finished run's output-dir?)")
-        summary = json.loads(summary_path.read_text())
-        if summary.get("adapter_base_model", summary.get("small_model")) != summary.get("small_model"):
-            raise ConfigError(
-                f"--run {args.run!r} tuned the large model ({summary['algorithm']}): its adapter "
-                "is not a small-model adapter for proxy-tuning"
-            )
-        small, large, adapter = (
-            small or summary["small_model"],
-            large or summary["large_model"],
-            adapter or summary["adapter_dir"],
-        )
-    missing = [flag for flag, value in (("--small", small), ("--large", large), ("--adapter", adapter)) if not value]
-    if missing:
-        raise ConfigError(f"generate needs {', '.join(missing)} (or --run with a finished run's output-dir)")
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"--adapter {adapter!r} is not a saved peft adapter folder (no adapter_config.json)")
-    return small, large, adapter
-
-
 def compare(args: argparse.Namespace) -> int:
     """Run algorithms × seeds on the same config and client schedule; write mean ± std tables and plots."""
     from fedpt_app.tools.compare import run_comparison
@@ -262,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_commands(commands)
     _add_model_commands(commands)
-    _add_generate_command(commands)
+    add_serving_commands(commands)
     return parser
 
 
@@ -318,27 +260,6 @@ def _add_model_commands(commands) -> None:
     command.add_argument("--out", required=True, help="folder for adapter/, merged/ and README.md")
     command.add_argument("--merge", action="store_true", help="also write the base with the adapter merged in")
     command.set_defaults(handler=export)
-
-
-def _add_generate_command(commands) -> None:
-    command = commands.add_parser("generate", help="answer instructions with a proxy-tuned large model")
-    command.add_argument("prompts", nargs="+", help="instructions (wrapped in the app's prompt template)")
-    command.add_argument("--run", default="", help="a finished run's output-dir: takes its models and adapter")
-    command.add_argument("--small", default="", help="small model reference (the adapter's base)")
-    command.add_argument("--large", default="", help="large model reference (used through its logits only)")
-    command.add_argument("--adapter", default="", help="the small model's LoRA adapter folder (save_pretrained)")
-    command.add_argument("--alpha", type=float, default=1.0, help="proxy strength")
-    command.add_argument(
-        "--quantization", choices=QUANTIZATIONS, default="none", help="load the large model with bitsandbytes"
-    )
-    command.add_argument("--context", default="", help="optional input shown with every instruction")
-    command.add_argument("--max-new-tokens", type=int, default=64)
-    command.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    command.add_argument("--top-p", type=float, default=1.0)
-    command.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default ###)")
-    command.add_argument("--seed", type=int, default=0)
-    command.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    command.set_defaults(handler=generate)
 
 
 def main(argv: list[str] | None = None) -> int:

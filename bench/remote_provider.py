@@ -2,9 +2,12 @@
 decoding tokens/s, the teacher cache's build time, and the bytes on the wire, measured side by side in one run.
 
     python bench/remote_provider.py [--run DIR] [--new-tokens 32] [--batch-sizes 1,8] [--repeats 3] [--top-k 20]
+                                    [--threads 1]
 
 --run takes a finished FedPT run's small model, large model and adapter (default: the preset's models with a
-random adapter). Targets: remote decoding >= 0.8 x local at batch 1 and 8.
+random adapter). --threads: torch threads of this process and of the service each (default 1, as if each had
+cores of its own: on a 2-core machine two processes of 2 spinning threads starve each other). Targets: remote
+decoding >= 0.8 x local at batch 1 and 8.
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ def tuned_small(args, config):
     return small, instruct.small_model, instruct.large_model
 
 
-def start_service(large_ref: str, token_file: Path) -> subprocess.Popen:
+def start_service(large_ref: str, token_file: Path, threads: int) -> subprocess.Popen:
     command = ["fedpt-app", "serve-logits", "--model", large_ref, "--port", str(PORT), "--token-file", str(token_file)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    environment = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
     wait_until_ready(f"http://127.0.0.1:{PORT}", timeout_s=600, process=process)
     return process
 
@@ -89,20 +93,23 @@ def bench_teacher_cache(args, config, small, tokenizer, local, remote) -> None:
     rows = load_splits(config.data.dataset, config.data.test_fraction, config.seed)["server"]
     examples, _ = tokenize_rows(tokenizer, rows, config.training.max_length, config.training.max_length // 2)
     pad, directory = tokenizer.pad_token_id, Path(tempfile.mkdtemp())
-    print(f"\nteacher cache over the server split ({len(examples)} examples)")
-    print(f"{'large model':<24}{'seconds':>9}{'cache MB':>10}{'positions':>11}{'wire bytes/position':>21}")
-    for name, provider, top_k in (
-        ("local", local, 0),
-        ("remote", remote, 0),
-        (f"remote, top-{args.top_k}", remote, args.top_k),
-    ):
-        before = wire_bytes(remote)
-        began = time.perf_counter()
-        cache = TeacherCache(examples, provider, small, 1.0, pad, "memory", 1e6, directory, top_k=top_k)
-        seconds = time.perf_counter() - began
-        positions = int(cache.offsets[-1])
-        per_position = (wire_bytes(remote) - before) / positions if provider is remote else 0
-        print(f"{name:<24}{seconds:>9.2f}{cache.nbytes / 2**20:>10.2f}{positions:>11}{per_position:>21,.0f}")
+    variants = {"local": (local, 0), "remote": (remote, 0), f"remote, top-{args.top_k}": (remote, args.top_k)}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    sizes, wire = {}, {}
+    for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
+        for name, (provider, top_k) in variants.items():
+            before = wire_bytes(remote)
+            began = time.perf_counter()
+            cache = TeacherCache(examples, provider, small, 1.0, pad, "memory", 1e6, directory, top_k=top_k)
+            seconds[name].append(time.perf_counter() - began)
+            sizes[name], positions = cache.nbytes, int(cache.offsets[-1])
+            wire[name] = (wire_bytes(remote) - before) / positions if provider is remote else 0
+    print(f"\nteacher cache over the server split ({len(examples)} examples, {positions} positions)")
+    print(f"{'large model':<24}{'seconds':>9}{'x local':>9}{'cache MB':>10}{'wire bytes/position':>21}")
+    for name in variants:
+        median = statistics.median(seconds[name])
+        ratio = median / statistics.median(seconds["local"])
+        print(f"{name:<24}{median:>9.2f}{ratio:>9.2f}{sizes[name] / 2**20:>10.2f}{wire[name]:>21,.0f}")
 
 
 def main() -> int:
@@ -113,7 +120,9 @@ def main() -> int:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     config = validate_overrides(args.run_config)
     small, small_ref, large_ref = tuned_small(args, config)
     small.eval()
@@ -122,10 +131,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         token = os.urandom(16).hex()
         (Path(folder) / "token").write_text(token)
-        service = start_service(large_ref, Path(folder) / "token")
+        service = start_service(large_ref, Path(folder) / "token", args.threads)
         try:
             remote = RemoteLogitsProvider(f"http://127.0.0.1:{PORT}", tokenizer, token=token)
-            print(f"pair {small_ref} / {large_ref} (vocabulary {local.vocab_size}), {torch.get_num_threads()} threads")
+            print(
+                f"pair {small_ref} / {large_ref} (vocabulary {local.vocab_size}), {args.threads} torch thread(s) "
+                "here and in the service"
+            )
             rows = load_test_rows(config.data.dataset, config.data.test_dataset, config.data.test_fraction, config.seed)
             prompts = [build_prompt(row["instruction"], row.get("context", "")) for row in rows]
             bench_decoding(args, small, tokenizer, local, remote, prompts)

@@ -45,16 +45,22 @@ def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def pick_next(logits: torch.Tensor, config: DecodingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    if config.temperature == 0.0:
-        return logits.argmax(-1)
+def sampling_probs(logits: torch.Tensor, config: DecodingConfig) -> torch.Tensor:
+    """The distribution sampling draws from: temperature, then top-p (the smallest set reaching top_p),
+    renormalized (speculative sampling's acceptance ratio p(x)/q(x) needs true probabilities)."""
     probs = torch.softmax(logits.float() / config.temperature, dim=-1)
     if config.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= config.top_p  # keep the smallest set reaching top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= config.top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def pick_next(logits: torch.Tensor, config: DecodingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if config.temperature == 0.0:
+        return logits.argmax(-1)
+    return torch.multinomial(sampling_probs(logits, config).cpu(), 1, generator=generator).squeeze(-1)
 
 
 def decode(
@@ -77,7 +83,7 @@ def decode(
                 finished[row] = True
                 continue
             generated[row].append(token)
-            if config.stop_strings and _has_stop(tokenizer.decode(generated[row][-16:]), config.stop_strings):
+            if config.stop_strings and has_stop(tokenizer.decode(generated[row][-16:]), config.stop_strings):
                 finished[row] = True
         if finished.all():
             break
@@ -89,7 +95,7 @@ def decode(
     ]
 
 
-def _has_stop(text: str, stop_strings: tuple[str, ...]) -> bool:
+def has_stop(text: str, stop_strings: tuple[str, ...]) -> bool:
     return any(stop in text for stop in stop_strings)
 
 

@@ -134,9 +134,12 @@ def small_offset(
     position_ids: torch.Tensor,
     cache: Any = None,
     use_cache: bool = False,
+    last: int = 0,
 ) -> tuple[torch.Tensor, Any]:
-    """`zs_tuned - zs_base` from ONE batched forward: the batch twice, the adapter applied to the first half only."""
+    """`zs_tuned - zs_base` from ONE batched forward: the batch twice, the adapter applied to the first half only;
+    for the last `last` positions only (0: all; the LM head skipped elsewhere, which matters on a long prompt)."""
     batch = input_ids.shape[0]
+    keep = {"logits_to_keep": last} if last else {}
     with adapter_on_first_rows(small, batch, 2 * batch):
         logits, cache = causal_lm_logits(
             small,
@@ -145,6 +148,7 @@ def small_offset(
             torch.cat([position_ids, position_ids]),
             cache,
             use_cache,
+            **keep,
         )
     logits = logits[..., :vocab_size]
     return logits[:batch] - logits[batch:], cache
@@ -206,7 +210,7 @@ def proxy_step(large: LogitsProvider, small: PeftModel, alpha: float) -> StepFn:
             input_ids, attention_mask, position_ids, caches["large"], True, last=1
         )
         offset, caches["small"] = small_offset(
-            small, large.vocab_size, input_ids, attention_mask, position_ids, caches["small"], True
+            small, large.vocab_size, input_ids, attention_mask, position_ids, caches["small"], True, last=1
         )
         return proxy_logits(large_logits[:, -1], offset[:, -1].to(large_logits.device), 0.0, alpha)
 

@@ -36,15 +36,14 @@ def generate(args: argparse.Namespace) -> int:
         stop_strings=tuple(args.stop) if args.stop is not None else DEFAULT_STOP_STRINGS,
         seed=args.seed,
     )
-    answers = proxy_generate(
-        large,
-        small,
-        load_tokenizer(small_ref),
-        args.prompts,
-        alpha=args.alpha,
-        config=config,
-        contexts=[args.context] * len(args.prompts),
-    )
+    inputs = (large, small, load_tokenizer(small_ref), args.prompts)
+    options = {"alpha": args.alpha, "config": config, "contexts": [args.context] * len(args.prompts)}
+    if args.draft_tokens:
+        from fedpt_app.instruct.speculative import speculative_generate
+
+        answers, _ = speculative_generate(*inputs, draft_tokens=args.draft_tokens, **options)
+    else:
+        answers = proxy_generate(*inputs, **options)
     for prompt, answer in zip(args.prompts, answers, strict=True):
         print(json.dumps({"instruction": prompt, "response": answer}, ensure_ascii=False) if args.json else answer)
     return 0
@@ -95,6 +94,13 @@ def _add_generate_command(commands) -> None:
     command.add_argument("--top-p", type=float, default=1.0)
     command.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default ###)")
     command.add_argument("--seed", type=int, default=0)
+    command.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=0,
+        help="speculative proxy decoding: the tuned small drafts this many tokens per large forward (0: off; same "
+        "greedy output, the proxy's distribution when sampling)",
+    )
     command.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     command.set_defaults(handler=generate)
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from fedpt_app.instruct.prompts import build_prompt, tokenize_rows
 from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step, shared_vocab_size
 from fedpt_app.models.loading import load_causal_lm, load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
-from fedpt_app.serving.remote import RemoteLogitsProvider, wait_until_ready
+from fedpt_app.serving.background import service_process
+from fedpt_app.serving.remote import RemoteLogitsProvider
 from fedpt_app.tools.simulation import validate_overrides
 
 PORT = 18765
@@ -50,14 +50,6 @@ def tuned_small(args, config):
         small, {k: 0.05 * torch.randn(v.shape, generator=generator) for k, v in adapter_state(small).items()}
     )
     return small, instruct.small_model, instruct.large_model
-
-
-def start_service(large_ref: str, token_file: Path, threads: int) -> subprocess.Popen:
-    command = ["fedpt-app", "serve-logits", "--model", large_ref, "--port", str(PORT), "--token-file", str(token_file)]
-    environment = os.environ | {"OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
-    wait_until_ready(f"http://127.0.0.1:{PORT}", timeout_s=600, process=process)
-    return process
 
 
 def wire_bytes(provider: RemoteLogitsProvider) -> int:
@@ -131,9 +123,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         token = os.urandom(16).hex()
         (Path(folder) / "token").write_text(token)
-        service = start_service(large_ref, Path(folder) / "token", args.threads)
-        try:
-            remote = RemoteLogitsProvider(f"http://127.0.0.1:{PORT}", tokenizer, token=token)
+        command = ["fedpt-app", "serve-logits", "--model", large_ref, "--port", str(PORT)]
+        command += ["--token-file", str(Path(folder) / "token")]
+        environment = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
+        with service_process(command, f"http://127.0.0.1:{PORT}", ready_path="/healthz", env=environment) as url:
+            remote = RemoteLogitsProvider(url, tokenizer, token=token)
             print(
                 f"pair {small_ref} / {large_ref} (vocabulary {local.vocab_size}), {args.threads} torch thread(s) "
                 "here and in the service"
@@ -142,9 +136,6 @@ def main() -> int:
             prompts = [build_prompt(row["instruction"], row.get("context", "")) for row in rows]
             bench_decoding(args, small, tokenizer, local, remote, prompts)
             bench_teacher_cache(args, config, small, tokenizer, local, remote)
-        finally:
-            service.terminate()
-            service.wait(30)
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from fedpt_app.instruct.evaluation import evaluate_generation
 from fedpt_app.instruct.prompts import build_prompt, covering_length
 from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step, shared_vocab_size
 from fedpt_app.models.loading import load_causal_lm, load_tokenizer
-from fedpt_app.serving.remote import OpenAICompletionsProvider, wait_until_ready
+from fedpt_app.serving.background import service_process
+from fedpt_app.serving.remote import OpenAICompletionsProvider
 from fedpt_app.tools.simulation import validate_overrides
 
 PORT = 18766
@@ -60,15 +60,13 @@ def main() -> int:
     max_k = max(int(k) for k in args.ks.split(","))
     command = ["fedpt-app", "serve", "--model", "large", "--large", large_ref, "--port", str(PORT)]
     command += ["--max-logprobs", str(max_k), "--max-batch", "32"]
-    service = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until_ready(f"http://127.0.0.1:{PORT}", timeout_s=600, process=service, path="/v1/models")
+    with service_process(command, f"http://127.0.0.1:{PORT}", ready_path="/v1/models") as url:
         print(f"pair {small_ref} / {large_ref} (vocabulary {local.vocab_size}), {len(rows)} test prompts, greedy")
         print(f"{'large model':<26}{'exact match':>12}{'Rouge-L':>9}{'same answers':>14}{'bytes/token':>13}{'s':>7}")
         print(f"{'full log-probs (local)':<26}{full.exact_match:>12.1f}{full.rouge_l:>9.1f}{100.0:>13.1f}%{0:>13}")
         for k in (int(k) for k in args.ks.split(",")):
             for tail in args.tails.split(","):
-                ref = f"openai+http://127.0.0.1:{PORT}/v1#model=fedpt-large&top_k={k}&tail={tail}"
+                ref = f"openai+{url}/v1#model=fedpt-large&top_k={k}&tail={tail}"
                 remote = OpenAICompletionsProvider(ref, tokenizer, token="unused")
                 began = time.perf_counter()
                 scores = evaluate(remote)
@@ -79,9 +77,6 @@ def main() -> int:
                     f"{f'top-{k}, tail {tail}':<26}{scores.exact_match:>12.1f}{scores.rouge_l:>9.1f}"
                     f"{100 * same / len(rows):>13.1f}%{wire:>13,.0f}{time.perf_counter() - began:>7.0f}"
                 )
-    finally:
-        service.terminate()
-        service.wait(30)
     return 0
 
 

@@ -77,6 +77,28 @@ def tiny_large_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-large"), tiny_tokenizer, hidden=48, layers=3, seed=1)
 
 
+@pytest.fixture(scope="module")
+def tuned_small(tiny_model_dir):
+    """The tiny small model with a random (non-zero) adapter, so tuned and base logits differ."""
+    from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
+
+    model = lora_model(str(tiny_model_dir), LoraSpec(4, 8.0, target_modules=("q_proj", "v_proj")), seed=0)
+    generator = torch.Generator().manual_seed(3)
+    load_adapter_state(
+        model, {key: torch.randn(value.shape, generator=generator) * 0.5 for key, value in adapter_state(model).items()}
+    )
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def large(tiny_model_dir, tiny_large_dir):
+    """The tiny large model as the proxy's logits provider (loaded in this process)."""
+    from fedpt_app.instruct.proxy import LocalLogitsProvider, shared_vocab_size
+
+    return LocalLogitsProvider(str(tiny_large_dir), shared_vocab_size(str(tiny_model_dir), str(tiny_large_dir)))
+
+
 def _foundation_model_dir(folder: Path, build: Callable[[int], torch.nn.Module]) -> Path:
     """`build(vocab_size)`'s model saved in `folder` with the packaged MiniLM tokenizer."""
     from transformers import AutoTokenizer

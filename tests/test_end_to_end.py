@@ -1,7 +1,6 @@
 """End-to-end `flwr run .` simulations on the embedded tiny preset (pre-trained once into FEDPT_CACHE)."""
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from fedpt_app.models.loading import resolve_model_ref, tiny_preset_dir
 from fedpt_app.models.lora import LoraSpec, adapter_state, lora_model, to_array_record
-from fedpt_app.serving.remote import wait_until_ready
+from fedpt_app.serving.background import service_process
 from fedpt_app.tools.simulation import run_simulation, validate_overrides
 from tests.test_logits_service import free_port
 
@@ -421,12 +420,8 @@ def logits_service(tmp_path):
         "--token-file",
         str(token_file),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ready(url, process=process)
-    yield url, "e2e-token-0123456789abcdef"
-    process.terminate()
-    process.wait(30)
+    with service_process(command, f"http://127.0.0.1:{port}", ready_path="/healthz", timeout_s=120) as url:
+        yield url, "e2e-token-0123456789abcdef"
 
 
 def test_fedpt_with_the_large_model_behind_serve_logits_matches_the_local_run(

@@ -13,9 +13,8 @@ from fedpt_app.config import ConfigError
 from fedpt_app.instruct.decoding import DecodingConfig, crop_cache, decode, positions_of
 from fedpt_app.instruct.distill import TeacherCache, top_k_only
 from fedpt_app.instruct.prompts import tokenize_rows
-from fedpt_app.instruct.proxy import LocalLogitsProvider, VocabularyMismatchError, proxy_step, shared_vocab_size
+from fedpt_app.instruct.proxy import VocabularyMismatchError, proxy_step
 from fedpt_app.models.loading import load_tokenizer
-from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
 from fedpt_app.serving.background import serve_in_background
 from fedpt_app.serving.logits_service import LogitsEngine, ServiceLimits, create_app
 from fedpt_app.serving.openai_api import create_app as create_openai_app
@@ -49,15 +48,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def local_large(tiny_model_dir, tiny_large_dir):
-    return LocalLogitsProvider(str(tiny_large_dir), shared_vocab_size(str(tiny_model_dir), str(tiny_large_dir)))
-
-
-@pytest.fixture(scope="module")
-def service(tiny_large_dir, local_large):
+def service(tiny_large_dir, large):
     """A real uvicorn server on loopback, in a thread of this process, serving the tiny large model."""
     limits = ServiceLimits(max_batch=4, max_positions=200, max_sessions=3, session_ttl_s=60.0, max_body_bytes=200_000)
-    engine = LogitsEngine(local_large, load_tokenizer(str(tiny_large_dir)), str(tiny_large_dir), limits)
+    engine = LogitsEngine(large, load_tokenizer(str(tiny_large_dir)), str(tiny_large_dir), limits)
     with serve_in_background(create_app(engine, TOKEN)) as url:
         yield url, engine
 
@@ -65,17 +59,6 @@ def service(tiny_large_dir, local_large):
 @pytest.fixture
 def remote(service, tiny_model_dir):
     return RemoteLogitsProvider(service[0], load_tokenizer(str(tiny_model_dir)), token=TOKEN)
-
-
-@pytest.fixture(scope="module")
-def tuned_small(tiny_model_dir):
-    model = lora_model(str(tiny_model_dir), LoraSpec(4, 8.0, target_modules=("q_proj", "v_proj")), seed=0)
-    generator = torch.Generator().manual_seed(3)
-    load_adapter_state(
-        model, {key: torch.randn(value.shape, generator=generator) * 0.5 for key, value in adapter_state(model).items()}
-    )
-    model.eval()
-    return model
 
 
 def encoded(tokenizer, prompts):
@@ -138,24 +121,20 @@ def test_a_remote_large_model_is_refused_where_weights_are_needed_and_without_a_
 
 
 # ---- the service against the local provider ------------------------------------------------------------------
-def test_stateless_and_teacher_forcing_answers_equal_the_local_provider(remote, local_large, tiny_tokenizer):
+def test_stateless_and_teacher_forcing_answers_equal_the_local_provider(remote, large, tiny_tokenizer):
     ids, mask = encoded(tiny_tokenizer, PROMPTS)
     positions = positions_of(mask)
-    assert torch.equal(
-        remote.logits(ids, mask, positions, last=1)[0], local_large.logits(ids, mask, positions, last=1)[0]
-    )
+    assert torch.equal(remote.logits(ids, mask, positions, last=1)[0], large.logits(ids, mask, positions, last=1)[0])
     select = mask.clone().bool()
     select[:, :-3] = False
-    assert torch.equal(
-        remote.logits_at(ids, mask, positions, select), local_large.logits_at(ids, mask, positions, select)
-    )
+    assert torch.equal(remote.logits_at(ids, mask, positions, select), large.logits_at(ids, mask, positions, select))
 
 
-def test_a_session_keeps_the_kv_cache_and_rolls_back_like_the_local_cache(remote, local_large, tiny_tokenizer, service):
+def test_a_session_keeps_the_kv_cache_and_rolls_back_like_the_local_cache(remote, large, tiny_tokenizer, service):
     ids, mask = encoded(tiny_tokenizer, PROMPTS[:2])
     steps = torch.tensor([[5, 6], [7, 8], [9, 10]])  # three steps of one new token per row
     results = {}
-    for name, provider in (("remote", remote), ("local", local_large)):
+    for name, provider in (("remote", remote), ("local", large)):
         rows, cache = provider.logits(ids, mask, positions_of(mask), None, True, last=1)
         outputs, full_mask = [rows], mask
         for step in steps:
@@ -170,9 +149,9 @@ def test_a_session_keeps_the_kv_cache_and_rolls_back_like_the_local_cache(remote
     assert torch.allclose(results["remote"][1], results["remote"][0][:, 2:], atol=1e-5)
 
 
-def test_proxy_decoding_through_the_service_equals_the_local_run(remote, local_large, tuned_small, tiny_tokenizer):
+def test_proxy_decoding_through_the_service_equals_the_local_run(remote, large, tuned_small, tiny_tokenizer):
     config = DecodingConfig(max_new_tokens=12)
-    local = decode(proxy_step(local_large, tuned_small, 1.0), tiny_tokenizer, PROMPTS, config)
+    local = decode(proxy_step(large, tuned_small, 1.0), tiny_tokenizer, PROMPTS, config)
     assert decode(proxy_step(remote, tuned_small, 1.0), tiny_tokenizer, PROMPTS, config) == local
 
 
@@ -183,14 +162,14 @@ def test_a_service_with_another_tokenizer_is_refused(service, tmp_path):
 
 
 def test_an_openai_compatible_endpoints_top_k_gives_the_proxy_over_the_full_vocabulary(
-    local_large, tuned_small, tiny_tokenizer, tiny_large_dir
+    large, tuned_small, tiny_tokenizer, tiny_large_dir
 ):
     """`large-model='openai+http://…'` against `fedpt-app serve --model large` (a real server): with k = the whole
     vocabulary the proxy decodes exactly as with full log-probabilities; with k = 5 the other tokens share the tail."""
     served = load_served_model("large", "", str(tiny_large_dir), "")
     app = create_openai_app(served, ServerSettings(max_logprobs=len(tiny_tokenizer)))
     config = DecodingConfig(max_new_tokens=8)
-    expected = decode(proxy_step(local_large, tuned_small, 1.0), tiny_tokenizer, PROMPTS, config)
+    expected = decode(proxy_step(large, tuned_small, 1.0), tiny_tokenizer, PROMPTS, config)
     with serve_in_background(app) as url:
         ref = f"openai+{url}/v1#model={served.name}&top_k={len(tiny_tokenizer)}"
         everything = OpenAICompletionsProvider(ref, tiny_tokenizer, token="unused")
@@ -198,7 +177,7 @@ def test_an_openai_compatible_endpoints_top_k_gives_the_proxy_over_the_full_voca
         few = OpenAICompletionsProvider(f"openai+{url}/v1#model={served.name}&top_k=5", tiny_tokenizer, token="x")
         ids, mask = encoded(tiny_tokenizer, PROMPTS)
         rows = few.logits(ids, mask, positions_of(mask), last=1)[0][:, -1]
-    full = local_large.logits(ids, mask, positions_of(mask), last=1)[0][:, -1]
+    full = large.logits(ids, mask, positions_of(mask), last=1)[0][:, -1]
     top = full.topk(5, dim=-1).indices
     assert torch.allclose(rows.gather(-1, top), full.gather(-1, top), atol=1e-4)
     tail = torch.log1p(-full.gather(-1, top).exp().sum(-1)) - math.log(len(tiny_tokenizer) - 5)
@@ -279,19 +258,19 @@ def test_top_k_only_keeps_each_rows_k_largest_hand_computed():
 
 
 def test_a_top_k_teacher_cache_over_the_wire_holds_the_full_caches_top_k(
-    remote, local_large, tuned_small, tiny_tokenizer, tmp_path
+    remote, large, tuned_small, tiny_tokenizer, tmp_path
 ):
     rows = [{"instruction": "is 7 even or odd?", "context": "", "response": "the answer is odd."}] * 3
     examples, _ = tokenize_rows(tiny_tokenizer, rows, 64, 48)
     pad = tiny_tokenizer.pad_token_id
-    full = TeacherCache(examples, local_large, tuned_small, 1.0, pad, "memory", 100.0, tmp_path)
+    full = TeacherCache(examples, large, tuned_small, 1.0, pad, "memory", 100.0, tmp_path)
     top = TeacherCache(examples, remote, tuned_small, 1.0, pad, "disk", 100.0, tmp_path, top_k=5)
     assert top.nbytes == full.nbytes * 5 * 6 // (len(tiny_tokenizer) * 2)
     dense, sparse = full.rows([0, 2]), top.rows([0, 2])
     kept = torch.isfinite(sparse)
     assert kept.sum(-1).eq(5).all()
     assert torch.allclose(sparse[kept], dense[kept], atol=1e-2)  # float16 storage of the same values
-    large_rows = local_large.logits_at(*encoded_batch(examples[:1], pad))
+    large_rows = large.logits_at(*encoded_batch(examples[:1], pad))
     assert torch.equal(kept[: large_rows.shape[0]], torch.isfinite(top_k_only(large_rows, 5)))
     assert isinstance(top.storage, np.memmap)
 

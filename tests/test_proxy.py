@@ -15,7 +15,6 @@ from fedpt_app.instruct.proxy import (
     small_offset,
 )
 from fedpt_app.models.loading import load_tokenizer
-from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
 from tests.conftest import build_tokenizer, save_tiny_llama
 
 PROMPTS = [
@@ -23,23 +22,6 @@ PROMPTS = [
     "### Instruction:\nIs 7 even or odd?\n\n### Response:\n",
     "### Instruction:\nCount the letters in 'abc'.\n\n### Response:\n",
 ]
-
-
-@pytest.fixture(scope="module")
-def tuned_small(tiny_model_dir):
-    """The tiny small model with a random (non-zero) adapter, so tuned and base logits differ."""
-    model = lora_model(str(tiny_model_dir), LoraSpec(4, 8.0, target_modules=("q_proj", "v_proj")), seed=0)
-    generator = torch.Generator().manual_seed(3)
-    load_adapter_state(
-        model, {key: torch.randn(value.shape, generator=generator) * 0.5 for key, value in adapter_state(model).items()}
-    )
-    model.eval()
-    return model
-
-
-@pytest.fixture(scope="module")
-def large(tiny_model_dir, tiny_large_dir):
-    return LocalLogitsProvider(str(tiny_large_dir), shared_vocab_size(str(tiny_model_dir), str(tiny_large_dir)))
 
 
 def test_proxy_logits_add_the_small_models_offset():

@@ -17,10 +17,9 @@ from fedpt_app.instruct.decoding import (
     positions_of,
     sampling_probs,
 )
-from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step, shared_vocab_size
+from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step
 from fedpt_app.instruct.speculative import speculative_decode, speculative_generate
 from fedpt_app.models.loading import load_tokenizer
-from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
 
 PROMPTS = [
     "### Instruction:\nWhat is the capital of Peru?\n\n### Response:\n",
@@ -37,23 +36,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tuned_small(tiny_model_dir):
-    """The tiny small model with a random (non-zero) adapter: the state tests/test_proxy.py gives the same model."""
-    model = lora_model(str(tiny_model_dir), LoraSpec(4, 8.0, target_modules=("q_proj", "v_proj")), seed=0)
-    generator = torch.Generator().manual_seed(3)
-    load_adapter_state(
-        model, {key: torch.randn(value.shape, generator=generator) * 0.5 for key, value in adapter_state(model).items()}
-    )
-    model.eval()
-    return model
-
-
-@pytest.fixture(scope="module")
-def large(tiny_model_dir, tiny_large_dir):
-    return LocalLogitsProvider(str(tiny_large_dir), shared_vocab_size(str(tiny_model_dir), str(tiny_large_dir)))
 
 
 @pytest.fixture(scope="module")

@@ -77,22 +77,39 @@ def decode(
     finished = torch.zeros(len(prompts), dtype=torch.bool)
     for _ in range(config.max_new_tokens):
         next_ids = pick_next(step(step_ids, attention_mask, step_positions), config, generator).cpu()
-        for row in torch.nonzero(~finished).flatten().tolist():
-            token = int(next_ids[row])
-            if token in end_ids and not config.ignore_eos:
-                finished[row] = True
-                continue
-            generated[row].append(token)
-            if config.stop_strings and has_stop(tokenizer.decode(generated[row][-16:]), config.stop_strings):
-                finished[row] = True
+        take_tokens(next_ids, generated, finished, end_ids, config, tokenizer)
         if finished.all():
             break
         next_ids = next_ids.masked_fill(finished, tokenizer.pad_token_id)
         attention_mask = torch.cat([attention_mask, torch.ones(len(prompts), 1, dtype=attention_mask.dtype)], dim=1)
         step_ids, step_positions = next_ids[:, None], step_positions[:, -1:] + 1
-    return [
-        cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), config.stop_strings).strip() for ids in generated
-    ]
+    return answers(tokenizer, generated, config)
+
+
+def take_tokens(
+    tokens: torch.Tensor,
+    generated: list[list[int]],
+    finished: torch.Tensor,
+    end_ids: set[int],
+    config: DecodingConfig,
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """One token per unfinished row: an end token finishes its row (unless `ignore_eos`), a stop string finishes
+    it after the token that completes it."""
+    for row in torch.nonzero(~finished).flatten().tolist():
+        token = int(tokens[row])
+        if token in end_ids and not config.ignore_eos:
+            finished[row] = True
+            continue
+        generated[row].append(token)
+        if config.stop_strings and has_stop(tokenizer.decode(generated[row][-16:]), config.stop_strings):
+            finished[row] = True
+
+
+def answers(tokenizer: PreTrainedTokenizerBase, generated: list[list[int]], config: DecodingConfig) -> list[str]:
+    """The rows' texts, each cut at its first stop string."""
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+    return [cut_at_stop(text, config.stop_strings).strip() for text in texts]
 
 
 def has_stop(text: str, stop_strings: tuple[str, ...]) -> bool:

@@ -21,6 +21,12 @@ def build_prompt(instruction: str, context: str = "") -> str:
     return prompt + "\n\n### Response:\n"
 
 
+def build_prompts(instructions: Sequence[str], contexts: Sequence[str] | None = None) -> list[str]:
+    """`build_prompt` of each instruction with its context (none by default)."""
+    contexts = contexts or [""] * len(instructions)
+    return [build_prompt(instruction, context) for instruction, context in zip(instructions, contexts, strict=True)]
+
+
 def fit_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, context: str, budget: int) -> tuple[str, bool]:
     """(the prompt within `budget` tokens, whether it was cut). A prompt over budget keeps the longest start of its
     context that fits; if the instruction alone is still too long, the longest start of the instruction. Training,

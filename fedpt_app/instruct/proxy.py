@@ -20,7 +20,7 @@ from fedpt_app.instruct.decoding import (
     end_token_ids,
     positions_of,
 )
-from fedpt_app.instruct.prompts import build_prompt
+from fedpt_app.instruct.prompts import build_prompts
 from fedpt_app.models.loading import load_causal_lm, load_tokenizer, resolve_model_ref
 
 
@@ -265,8 +265,7 @@ def proxy_generate(
     The Python entry point behind `fedpt-app generate`.
     """
     config = config or DecodingConfig()
-    contexts = contexts or [""] * len(instructions)
-    prompts = [build_prompt(instruction, context) for instruction, context in zip(instructions, contexts, strict=True)]
+    prompts = build_prompts(instructions, contexts)
     small.eval()
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):

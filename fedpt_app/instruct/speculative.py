@@ -21,15 +21,15 @@ from peft import PeftModel
 
 from fedpt_app.instruct.decoding import (
     DecodingConfig,
+    answers,
     causal_lm_logits,
     crop_cache,
-    cut_at_stop,
-    has_stop,
     pick_next,
     positions_of,
     sampling_probs,
+    take_tokens,
 )
-from fedpt_app.instruct.prompts import build_prompt
+from fedpt_app.instruct.prompts import build_prompts
 from fedpt_app.instruct.proxy import LogitsProvider, proxy_logits, refuse_embedding_lora, small_offset
 
 
@@ -207,32 +207,12 @@ def speculative_decode(
         unfinished = int((~finished).sum())
         stats.add(SpeculativeStats(count * unfinished, kept * unfinished, 1))
         for column in tokens[:, : kept + 1].T:
-            _take(column, generated, finished, end_ids, config, tokenizer)
+            take_tokens(column, generated, finished, end_ids, config, tokenizer)
         ids, mask = _extend(ids, mask, tokens[:, : kept + 1])
         steps += kept + 1
         for cache in (draft_cache, *target_caches):
             cache.keep(ids.shape[1] - 1)  # the newest token is fed next round
-    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in generated]
-    return [cut_at_stop(text, config.stop_strings).strip() for text in texts], stats
-
-
-def _take(
-    tokens: torch.Tensor,
-    generated: list[list[int]],
-    finished: torch.Tensor,
-    end_ids: set[int],
-    config: DecodingConfig,
-    tokenizer,
-) -> None:
-    """One token per row, as `decode` takes it: an end token finishes its row, a stop string finishes it after."""
-    for row in torch.nonzero(~finished).flatten().tolist():
-        token = int(tokens[row])
-        if token in end_ids and not config.ignore_eos:
-            finished[row] = True
-            continue
-        generated[row].append(token)
-        if config.stop_strings and has_stop(tokenizer.decode(generated[row][-16:]), config.stop_strings):
-            finished[row] = True
+    return answers(tokenizer, generated, config), stats
 
 
 def speculative_generate(
@@ -252,8 +232,7 @@ def speculative_generate(
     Batch size 1 by default: a batch only keeps the drafts every row agrees with.
     """
     config = config or DecodingConfig()
-    contexts = contexts or [""] * len(instructions)
-    prompts = [build_prompt(instruction, context) for instruction, context in zip(instructions, contexts, strict=True)]
+    prompts = build_prompts(instructions, contexts)
     small.eval()
     outputs: list[str] = []
     stats = SpeculativeStats()

@@ -1,7 +1,9 @@
-"""A real uvicorn server in a thread of this process: for tests, benchmarks and notebooks (loopback by default)."""
+"""Servers for tests, benchmarks and notebooks: an app in a thread of this process, or a serving command in its own
+process (loopback by default)."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -29,3 +31,20 @@ def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) ->
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def service_process(
+    command: list[str], url: str, *, ready_path: str, env=None, timeout_s: float = 600
+) -> Iterator[str]:
+    """Run a serving command (`fedpt-app serve-logits …`, `fedpt-app serve …`) in its own process while the block
+    runs, as its operator would; yields `url` once `ready_path` answers."""
+    from fedpt_app.serving.remote import wait_until_ready
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_until_ready(url, timeout_s=timeout_s, process=process, path=ready_path)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)

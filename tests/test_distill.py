@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from fedpt_app.instruct.builtin import builtin_instruction_split
+from fedpt_app.instruct.decoding import positions_of
 from fedpt_app.instruct.distill import DistillConfig, ProxyDistiller, kd_loss, response_count, response_positions
 from fedpt_app.instruct.prompts import collate, tokenize_rows
-from fedpt_app.instruct.proxy import LocalLogitsProvider, shared_vocab_size
+from fedpt_app.instruct.proxy import LocalLogitsProvider, shared_vocab_size, small_offset
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
+from fedpt_app.serving.wire import approximate_top_k
 
 
 def test_kd_loss_is_the_temperature_scaled_kl_from_teacher_to_student():
@@ -59,9 +61,9 @@ def pair(tiny_model_dir, tiny_large_dir, tiny_tokenizer):
     return small, large, examples
 
 
-def _distiller(pair, tmp_path, mode, budget_mb=64.0, steps=3):
+def _distiller(pair, tmp_path, mode, budget_mb=64.0, steps=3, top_k=0, tail="uniform"):
     small, large, examples = pair
-    config = DistillConfig(alpha=1.0, temperature=1.0, steps=steps, lr=5e-3, batch_size=8, seed=0)
+    config = DistillConfig(1.0, 1.0, steps, 5e-3, 8, seed=0, teacher_top_k=top_k, teacher_tail=tail)
     return ProxyDistiller(
         small, large, examples, config, pad_token_id=0, cache_mode=mode, cache_budget_mb=budget_mb, cache_dir=tmp_path
     )
@@ -78,7 +80,7 @@ def test_cached_teacher_equals_recomputed_teacher(pair, tmp_path, mode):
     recomputed = _distiller(pair, tmp_path, "off")
     assert cached.cache.enabled and not recomputed.cache.enabled
     if mode == "disk":
-        assert (tmp_path / "teacher-cache.npy").exists()
+        assert (tmp_path / "teacher-cache-values.npy").exists()
     small, _, examples = pair
     load_adapter_state(small, _teacher_adapter(small))
     for indices in ([0, 1, 2, 3], [5, 17, 9]):
@@ -87,6 +89,35 @@ def test_cached_teacher_equals_recomputed_teacher(pair, tmp_path, mode):
         assert fast.shape == slow.shape and fast.shape[0] > len(indices)
         # float16 storage: absolute error within half a unit in the last place of the logit magnitudes
         torch.testing.assert_close(fast, slow, atol=2e-3 * slow.abs().max().item(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("tail", ["uniform", "drop"])
+def test_a_top_k_teacher_is_the_large_models_top_k_plus_the_whole_offset(pair, tmp_path, tail):
+    """Cached (k values, ids and the tail mass per position) or recomputed, the teacher is the large model's top-5
+    log-probabilities, the rest filled by `tail`, plus alpha x the small model's offset over the whole vocabulary."""
+    small, large, examples = pair
+    cached, recomputed = (_distiller(pair, tmp_path, mode, top_k=5, tail=tail) for mode in ("disk", "off"))
+    assert cached.cache.nbytes == int(cached.cache.offsets[-1]) * (5 * 6 + 4)
+    load_adapter_state(small, _teacher_adapter(small))
+    indices = [0, 3, 7]
+    batch = collate([examples[i] for i in indices], pad_token_id=0)
+    mask = response_positions(batch["labels"])
+    inputs = (batch["input_ids"], batch["attention_mask"], positions_of(batch["attention_mask"]))
+    offset = small_offset(small, large.vocab_size, *inputs)[0][mask]
+    expected = approximate_top_k(large.logits_at(*inputs, mask), 5, tail) + offset
+    torch.testing.assert_close(recomputed.teacher(indices, batch), expected)
+    torch.testing.assert_close(cached.teacher(indices, batch), expected, atol=5e-3, rtol=1e-3)  # float16 values
+    finite = torch.isfinite(expected).sum(-1)
+    assert (finite == 5).all() if tail == "drop" else (finite == large.vocab_size).all()
+
+
+def test_approximate_top_k_hand_computed():
+    rows = torch.log(torch.tensor([[0.5, 0.1, 0.3, 0.1]]))
+    dropped = approximate_top_k(rows, 2, "drop")
+    assert torch.equal(torch.isfinite(dropped), torch.tensor([[True, False, True, False]]))
+    spread = approximate_top_k(rows, 2, "uniform").exp()  # the 0.2 outside the top 2, split over 2 tokens
+    torch.testing.assert_close(spread, torch.tensor([[0.5, 0.1, 0.3, 0.1]]))
+    torch.testing.assert_close(approximate_top_k(approximate_top_k(rows, 2, "uniform"), 2, "uniform"), spread.log())
 
 
 def test_a_cache_over_budget_falls_back_to_recomputing(pair, tmp_path):

@@ -5,14 +5,13 @@ import math
 import socket
 
 import httpx
-import numpy as np
 import pytest
 import torch
 
 from fedpt_app.config import ConfigError
 from fedpt_app.instruct.decoding import DecodingConfig, crop_cache, decode, positions_of
-from fedpt_app.instruct.distill import TeacherCache, top_k_only
-from fedpt_app.instruct.prompts import tokenize_rows
+from fedpt_app.instruct.distill import TeacherCache, response_positions
+from fedpt_app.instruct.prompts import collate, tokenize_rows
 from fedpt_app.instruct.proxy import VocabularyMismatchError, proxy_step
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.serving.background import serve_in_background
@@ -28,7 +27,7 @@ from fedpt_app.serving.remote import (
     openai_options,
     token_from_environment,
 )
-from fedpt_app.serving.wire import decode_logprobs, dense_from_top_k, encode_logprobs
+from fedpt_app.serving.wire import approximate_top_k, decode_logprobs, dense_from_top_k, encode_logprobs
 from fedpt_app.tools.preflight import preflight
 from fedpt_app.tools.simulation import validate_overrides
 from tests.conftest import build_tokenizer
@@ -250,35 +249,18 @@ def test_auth_body_size_sessions_and_their_limits(service, tiny_tokenizer):
 
 
 # ---- the top-k teacher ----------------------------------------------------------------------------------------
-def test_top_k_only_keeps_each_rows_k_largest_hand_computed():
-    rows = torch.tensor([[1.0, 3.0, 2.0, 0.0], [4.0, -1.0, 5.0, 6.0]])
-    expected = torch.tensor([[-math.inf, 3.0, 2.0, -math.inf], [-math.inf, -math.inf, 5.0, 6.0]])
-    assert torch.equal(top_k_only(rows, 2), expected)
-    assert torch.equal(top_k_only(rows, 0), rows)
-
-
-def test_a_top_k_teacher_cache_over_the_wire_holds_the_full_caches_top_k(
+def test_a_top_k_teacher_cache_over_the_wire_holds_the_large_models_top_k(
     remote, large, tuned_small, tiny_tokenizer, tmp_path
 ):
     rows = [{"instruction": "is 7 even or odd?", "context": "", "response": "the answer is odd."}] * 3
     examples, _ = tokenize_rows(tiny_tokenizer, rows, 64, 48)
     pad = tiny_tokenizer.pad_token_id
-    full = TeacherCache(examples, large, tuned_small, 1.0, pad, "memory", 100.0, tmp_path)
-    top = TeacherCache(examples, remote, tuned_small, 1.0, pad, "disk", 100.0, tmp_path, top_k=5)
-    assert top.nbytes == full.nbytes * 5 * 6 // (len(tiny_tokenizer) * 2)
-    dense, sparse = full.rows([0, 2]), top.rows([0, 2])
-    kept = torch.isfinite(sparse)
-    assert kept.sum(-1).eq(5).all()
-    assert torch.allclose(sparse[kept], dense[kept], atol=1e-2)  # float16 storage of the same values
-    large_rows = large.logits_at(*encoded_batch(examples[:1], pad))
-    assert torch.equal(kept[: large_rows.shape[0]], torch.isfinite(top_k_only(large_rows, 5)))
-    assert isinstance(top.storage, np.memmap)
-
-
-def encoded_batch(examples, pad):
-    from fedpt_app.instruct.distill import response_positions
-    from fedpt_app.instruct.prompts import collate
-
+    sent = remote.bytes_received
+    top = TeacherCache(examples, remote, tuned_small, 1.0, pad, "memory", 100.0, tmp_path, top_k=5, tail="drop")
+    positions = int(top.offsets[-1])
+    assert remote.bytes_received - sent < positions * len(tiny_tokenizer)  # far less than dense float32 rows
     batch = collate(examples, pad)
-    mask = batch["attention_mask"]
-    return batch["input_ids"], mask, positions_of(mask), response_positions(batch["labels"])
+    mask = response_positions(batch["labels"])
+    full = large.logits_at(batch["input_ids"], batch["attention_mask"], positions_of(batch["attention_mask"]), mask)
+    expected = approximate_top_k(full, 5, "drop")
+    torch.testing.assert_close(top.rows([0, 1, 2]), expected, atol=5e-3, rtol=1e-3)  # float16 values

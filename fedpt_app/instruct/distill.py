@@ -26,6 +26,7 @@ from fedpt_app.instruct.decoding import positions_of
 from fedpt_app.instruct.prompts import IGNORE_INDEX, TokenizedExample, collate
 from fedpt_app.instruct.proxy import LogitsProvider, refuse_embedding_lora, small_offset
 from fedpt_app.models.lora import adapter_state, load_adapter_state
+from fedpt_app.serving.wire import approximate_top_k, dense_from_top_k, tail_log_mass
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -58,7 +59,8 @@ class DistillConfig:
     lr: float
     batch_size: int
     seed: int
-    teacher_top_k: int = 0  # 0: the full distribution; k: the large model's k largest logits (the rest ruled out)
+    teacher_top_k: int = 0  # 0: the large model's full distribution; k: its k largest log-probabilities
+    teacher_tail: str = "uniform"  # with teacher_top_k: the other tokens share the rest ("uniform") or get none
 
 
 def _forward_at_responses(logits_fn, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -74,22 +76,16 @@ def _large_at_responses(large: LogitsProvider, batch: dict[str, torch.Tensor], t
     return large.logits_at(*inputs, mask, top_k=top_k)
 
 
-def top_k_only(rows: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Each row's `top_k` largest logits, every other one -inf (a top-k teacher: its distribution renormalised
-    over those k tokens, the tail dropped)."""
-    if not top_k or top_k >= rows.shape[-1]:
-        return rows
-    values, indices = rows.topk(top_k, dim=-1)
-    return torch.full_like(rows, -torch.inf).scatter(-1, indices, values)
-
-
 class TeacherCache:
-    """`zL - alpha * zs_base` at every response position of the distillation set, computed once.
+    """What a round's teacher needs of the large model at every response position of the distillation set,
+    computed once.
 
-    Stored as one float16 matrix [positions, vocab] (a tensor, or a `np.memmap` file for mode "disk") with
-    per-example row offsets. With `top_k`, only the large model's k largest logits of each position are kept:
-    their token ids (int32) and values [positions, k]; the other tokens get -inf. `rows(indices)` returns the
-    dense rows of those examples in `collate` order.
+    Full teacher: `zL - alpha * zs_base` (its round-invariant part), one float16 matrix [positions, vocab].
+    Top-k teacher (`top_k` > 0): the large model's k largest log-probabilities (float16 values, int32 token ids)
+    and the log of the mass outside them (float32): `rows` gives back zL with the other tokens at an equal share of
+    that mass (`tail="uniform"`) or ruled out (`tail="drop"`); the small model's offset is then added whole each
+    step, so its view of tokens outside the large model's top-k is kept. Arrays are in memory, or `np.memmap`
+    files for mode "disk"; `rows(indices)` returns the dense rows of those examples in `collate` order.
     """
 
     def __init__(
@@ -104,13 +100,14 @@ class TeacherCache:
         directory: Path,
         batch_size: int = 16,
         top_k: int = 0,
+        tail: str = "uniform",
     ) -> None:
         counts = [response_count(example) for example in examples]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.vocab_size = large.vocab_size
+        self.vocab_size, self.tail = large.vocab_size, tail
         self.top_k = top_k if 0 < top_k < self.vocab_size else 0
-        width = self.top_k or self.vocab_size
-        self.nbytes = int(self.offsets[-1]) * width * (6 if self.top_k else 2)  # float16 values (+ int32 ids)
+        positions = int(self.offsets[-1])
+        self.nbytes = positions * (self.top_k * 6 + 4 if self.top_k else self.vocab_size * 2)
         self.mode = mode if self.nbytes <= budget_mb * 2**20 else "off"
         if mode != "off" and self.mode == "off":
             log(
@@ -120,67 +117,64 @@ class TeacherCache:
                 self.nbytes / 2**20,
                 budget_mb,
             )
-        self.storage: np.ndarray | None = None  # the values: float16 [positions, k or vocab]
-        self.token_ids: np.ndarray | None = None  # with top_k: int32 [positions, k]
+        self.arrays: dict[str, np.ndarray] = {}
         if self.mode == "off":
             return
         started = time.perf_counter()
-        shape = (int(self.offsets[-1]), width)
-        self.storage = self._array(directory, "teacher-cache.npy", shape, np.float16)
-        if self.top_k:
-            self.token_ids = self._array(directory, "teacher-cache-ids.npy", shape, np.int32)
+        self._allocate(directory, positions)
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start : start + batch_size], pad_token_id)
-            rows = self._invariant_part(large, small, alpha, batch, self.top_k).cpu()
             first, last = self.offsets[start], self.offsets[min(start + batch_size, len(examples))]
-            if self.top_k:
-                values, token_ids = rows.topk(self.top_k, dim=-1)
-                self.storage[first:last], self.token_ids[first:last] = values.numpy(), token_ids.numpy()
-            else:
-                self.storage[first:last] = rows.numpy()
-        for array in (self.storage, self.token_ids):
+            self._store(slice(first, last), large, small, alpha, batch)
+        for array in self.arrays.values():
             if isinstance(array, np.memmap):
                 array.flush()
         log(
             INFO,
-            "[fedpt-app] teacher cache: %d positions x %d logits%s, %.1f MB (%s), built in %.1f s",
-            shape[0],
-            shape[1],
-            " (top-k)" if self.top_k else "",
+            "[fedpt-app] teacher cache: %d positions x %s, %.1f MB (%s), built in %.1f s",
+            positions,
+            f"top-{self.top_k} log-probs of the large model" if self.top_k else f"{self.vocab_size} logits",
             self.nbytes / 2**20,
             self.mode,
             time.perf_counter() - started,
         )
 
-    def _array(self, directory: Path, name: str, shape: tuple[int, int], dtype) -> np.ndarray:
-        if self.mode != "disk":
-            return np.empty(shape, dtype=dtype)
-        directory.mkdir(parents=True, exist_ok=True)
-        return np.lib.format.open_memmap(directory / name, mode="w+", dtype=dtype, shape=shape)
+    def _allocate(self, directory: Path, positions: int) -> None:
+        shapes = {"values": ((positions, self.top_k or self.vocab_size), np.float16)}
+        if self.top_k:
+            shapes |= {"token_ids": ((positions, self.top_k), np.int32), "tail": ((positions,), np.float32)}
+        for name, (shape, dtype) in shapes.items():
+            if self.mode == "disk":
+                directory.mkdir(parents=True, exist_ok=True)
+                path = directory / f"teacher-cache-{name}.npy"
+                self.arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            else:
+                self.arrays[name] = np.empty(shape, dtype=dtype)
 
-    @staticmethod
-    def _invariant_part(
-        large: LogitsProvider, small: PeftModel, alpha: float, batch: dict[str, torch.Tensor], top_k: int
-    ) -> torch.Tensor:
-        """`zL - alpha * zs_base` in float32; with `top_k`, -inf outside the large model's top-k."""
-        large_rows = top_k_only(_large_at_responses(large, batch, top_k), top_k)
+    def _store(self, rows: slice, large: LogitsProvider, small: PeftModel, alpha: float, batch) -> None:
+        large_rows = _large_at_responses(large, batch, self.top_k).cpu()
+        if self.top_k:
+            values, token_ids = large_rows.topk(self.top_k, dim=-1)
+            self.arrays["values"][rows], self.arrays["token_ids"][rows] = values.numpy(), token_ids.numpy()
+            self.arrays["tail"][rows] = tail_log_mass(values).numpy()
+            return
         with small.disable_adapter():
             base_rows = _forward_at_responses(lambda *a: _no_grad_logits(small, *a), batch)
-        return large_rows - alpha * base_rows[:, : large.vocab_size].to(large_rows.device)
+        self.arrays["values"][rows] = (large_rows - alpha * base_rows[:, : large.vocab_size].cpu()).numpy()
 
     @property
     def enabled(self) -> bool:
-        return self.storage is not None
+        return bool(self.arrays)
 
     def rows(self, indices: Sequence[int]) -> torch.Tensor:
-        def gathered(array: np.ndarray) -> torch.Tensor:
+        def gathered(name: str) -> torch.Tensor:
+            array = self.arrays[name]
             return torch.from_numpy(np.concatenate([array[self.offsets[i] : self.offsets[i + 1]] for i in indices]))
 
-        values = gathered(self.storage).float()
+        values = gathered("values").float()
         if not self.top_k:
             return values
-        dense = torch.full((values.shape[0], self.vocab_size), -torch.inf)
-        return dense.scatter(-1, gathered(self.token_ids).long(), values)
+        return dense_from_top_k(gathered("token_ids").long(), values, gathered("tail"), self.vocab_size, self.tail)
 
 
 def _no_grad_logits(model: torch.nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -254,6 +248,7 @@ class ProxyDistiller:
             cache_budget_mb,
             cache_dir,
             top_k=config.teacher_top_k,
+            tail=config.teacher_tail,
         )
 
     def batch_indices(self, server_round: int) -> list[list[int]]:
@@ -268,15 +263,18 @@ class ProxyDistiller:
     def teacher(self, indices: Sequence[int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Teacher logits at the response positions of examples `indices` (collated as `batch`), with the small
         model's adapter as it is now (the caller holds the round's frozen teacher adapter in place)."""
-        vocab = self.large.vocab_size
-        if self.cache.enabled:
+        vocab, alpha, top_k = self.large.vocab_size, self.config.alpha, self.config.teacher_top_k
+        if self.cache.enabled and not self.cache.top_k:
             tuned = _forward_at_responses(lambda *a: _no_grad_logits(self.small, *a), batch)[:, :vocab]
-            return self.cache.rows(indices).to(tuned.device) + self.config.alpha * tuned
-        large_rows = top_k_only(
-            _large_at_responses(self.large, batch, self.config.teacher_top_k), self.config.teacher_top_k
-        )
+            return self.cache.rows(indices).to(tuned.device) + alpha * tuned
+        if self.cache.enabled:
+            large_rows = self.cache.rows(indices)
+        else:
+            large_rows = approximate_top_k(
+                _large_at_responses(self.large, batch, top_k), top_k, self.config.teacher_tail
+            )
         offset = _forward_at_responses(lambda *a: small_offset(self.small, vocab, *a)[0], batch)
-        return large_rows + self.config.alpha * offset.to(large_rows.device)
+        return large_rows.to(offset.device) + alpha * offset
 
     def run_round(self, server_round: int, start_state: OrderedDict[str, torch.Tensor]) -> DistillResult:
         """Start from the aggregated adapter, take `steps` KD steps, return the new adapter."""

@@ -135,10 +135,11 @@ class RemoteLogitsProvider:
         return self._rows(answer, input_ids.shape[0]), cache
 
     def logits_at(self, input_ids, attention_mask, position_ids, mask, top_k=0):
-        """Teacher forcing; with `top_k` only each row's k largest log-probabilities cross the wire (the rest -inf)."""
+        """Teacher forcing; with `top_k` only each row's k largest log-probabilities and its tail mass cross the wire
+        (the other tokens get an equal share of it: `wire.approximate_top_k` of these rows gives them back)."""
         fields = {"select": mask.long().tolist(), "top_k": top_k}
         answer = self._call("POST", "/v1/logprobs", self._payload(input_ids, attention_mask, **fields))
-        return decode_logprobs(answer["logprobs"])
+        return decode_logprobs(answer["logprobs"], "uniform")
 
     def _rows(self, answer: dict, batch: int) -> torch.Tensor:
         return decode_logprobs(answer["logprobs"]).view(batch, -1, self.vocab_size)

@@ -42,8 +42,7 @@ def encode_logprobs(logprobs: torch.Tensor, top_k: int, dtype: str) -> dict:
     if not top_k or top_k >= shape[-1]:
         return {"format": "dense", "shape": shape, "dtype": dtype, "data": encode_array(logprobs.numpy().astype(dtype))}
     values, indices = logprobs.topk(top_k, dim=-1)
-    kept = values.exp().sum(-1)
-    tail = torch.log1p(-kept.clamp(max=1.0 - 1e-7))  # mass outside the top-k, never exactly zero
+    tail = tail_log_mass(values)
     return {
         "format": "top_k",
         "shape": shape[:-1] + [top_k],
@@ -65,6 +64,20 @@ def decode_logprobs(payload: dict, tail_mode: str = "drop") -> torch.Tensor:
     values = torch.from_numpy(decode_array(payload["values"], payload["dtype"], shape).astype(np.float32))
     tail = torch.from_numpy(decode_array(payload["tail"], "float32", shape[:-1]).copy())
     return dense_from_top_k(indices, values, tail, payload["vocab_size"], tail_mode)
+
+
+def tail_log_mass(top_values: torch.Tensor) -> torch.Tensor:
+    """log(1 - Σ p) of the probability outside each row's top-k log-probabilities (never exactly -inf)."""
+    return torch.log1p(-top_values.exp().sum(-1).clamp(max=1.0 - 1e-7))
+
+
+def approximate_top_k(logprobs: torch.Tensor, top_k: int, tail_mode: str) -> torch.Tensor:
+    """What a client that only got each row's top-k log-probabilities knows: those k, the rest filled as
+    `dense_from_top_k` does (0: the rows unchanged). Applied to rows already filled so, it changes nothing."""
+    if not top_k or top_k >= logprobs.shape[-1]:
+        return logprobs
+    values, indices = logprobs.topk(top_k, dim=-1)
+    return dense_from_top_k(indices, values, tail_log_mass(values), logprobs.shape[-1], tail_mode)
 
 
 def dense_from_top_k(

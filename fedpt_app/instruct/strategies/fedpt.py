@@ -28,6 +28,7 @@ class FedPT(InstructStrategy):
             batch_size=instruct.kd_batch_size,
             seed=config.seed,
             teacher_top_k=instruct.kd_teacher_top_k,
+            teacher_tail=instruct.kd_teacher_tail,
         )
         examples, truncation = tokenize_rows(
             self.tokenizer, server_rows, config.training.max_length, self.prompt_budget

@@ -9,7 +9,7 @@ from fedpt_app.instruct.builtin import builtin_instruction_split
 from fedpt_app.instruct.decoding import positions_of
 from fedpt_app.instruct.distill import DistillConfig, ProxyDistiller, kd_loss, response_count, response_positions
 from fedpt_app.instruct.prompts import collate, tokenize_rows
-from fedpt_app.instruct.proxy import LocalLogitsProvider, shared_vocab_size, small_offset
+from fedpt_app.instruct.proxy import LocalLogitsProvider, shared_vocab_size, tuned_and_base
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
 from fedpt_app.serving.wire import approximate_top_k
 
@@ -91,10 +91,11 @@ def test_cached_teacher_equals_recomputed_teacher(pair, tmp_path, mode):
         torch.testing.assert_close(fast, slow, atol=2e-3 * slow.abs().max().item(), rtol=1e-3)
 
 
-@pytest.mark.parametrize("tail", ["uniform", "drop"])
+@pytest.mark.parametrize("tail", ["uniform", "drop", "union"])
 def test_a_top_k_teacher_is_the_large_models_top_k_plus_the_whole_offset(pair, tmp_path, tail):
     """Cached (k values, ids and the tail mass per position) or recomputed, the teacher is the large model's top-5
-    log-probabilities, the rest filled by `tail`, plus alpha x the small model's offset over the whole vocabulary."""
+    log-probabilities, the rest filled by `tail`, plus alpha x the small model's offset over the whole vocabulary;
+    "union" keeps only the large model's and the tuned small's top-5 tokens (the latter at the tail's share)."""
     small, large, examples = pair
     cached, recomputed = (_distiller(pair, tmp_path, mode, top_k=5, tail=tail) for mode in ("disk", "off"))
     assert cached.cache.nbytes == int(cached.cache.offsets[-1]) * (5 * 6 + 4)
@@ -103,12 +104,24 @@ def test_a_top_k_teacher_is_the_large_models_top_k_plus_the_whole_offset(pair, t
     batch = collate([examples[i] for i in indices], pad_token_id=0)
     mask = response_positions(batch["labels"])
     inputs = (batch["input_ids"], batch["attention_mask"], positions_of(batch["attention_mask"]))
-    offset = small_offset(small, large.vocab_size, *inputs)[0][mask]
-    expected = approximate_top_k(large.logits_at(*inputs, mask), 5, tail) + offset
+    (tuned, base), _ = tuned_and_base(small, large.vocab_size, *inputs)
+    tuned, base = tuned[mask], base[mask]
+    large_rows = large.logits_at(*inputs, mask)
+    expected = approximate_top_k(large_rows, 5, "drop" if tail == "drop" else "uniform") + tuned - base
+    if tail == "union":
+        keep = torch.isfinite(approximate_top_k(large_rows, 5, "drop")) | torch.isfinite(
+            approximate_top_k(tuned, 5, "drop")
+        )
+        expected = expected.masked_fill(~keep, -torch.inf)
     torch.testing.assert_close(recomputed.teacher(indices, batch), expected)
     torch.testing.assert_close(cached.teacher(indices, batch), expected, atol=5e-3, rtol=1e-3)  # float16 values
     finite = torch.isfinite(expected).sum(-1)
-    assert (finite == 5).all() if tail == "drop" else (finite == large.vocab_size).all()
+    if tail == "drop":
+        assert (finite == 5).all()
+    elif tail == "union":
+        assert ((finite >= 5) & (finite <= 10)).all() and (finite > 5).any()
+    else:
+        assert (finite == large.vocab_size).all()
 
 
 def test_approximate_top_k_hand_computed():

@@ -200,7 +200,7 @@ class InstructConfig(Section):
     teacher_cache: str = "memory"
     teacher_cache_mb: float = 2048.0
     kd_teacher_top_k: int = 0  # 0: the large model's full distribution; k: its k largest log-probs (cache, wire)
-    kd_teacher_tail: str = "uniform"  # with a top-k teacher: the other tokens share the rest evenly, or "drop"
+    kd_teacher_tail: str = "uniform"  # with a top-k teacher: the rest shared evenly, "drop"ped, or "union"
     max_new_tokens: int = 0  # 0: enough for 95% of the server split's references
 
     def validate(self) -> None:
@@ -213,7 +213,7 @@ class InstructConfig(Section):
         check(self.kd_samples >= 0, "kd-samples must be 0 (the whole server split) or more")
         check(self.teacher_cache_mb >= 0.0, "teacher-cache-mb must be 0 or more")
         check(self.kd_teacher_top_k >= 0, "kd-teacher-top-k must be 0 (the full distribution) or more")
-        check_choice("kd-teacher-tail", self.kd_teacher_tail, ("uniform", "drop"))
+        check_choice("kd-teacher-tail", self.kd_teacher_tail, ("uniform", "drop", "union"))
         check(
             not is_remote_ref(self.large_model) or self.large_model_quantization == "none",
             f"large-model={self.large_model!r} is a remote service: its quantization is the service's "

@@ -24,7 +24,7 @@ from peft import PeftModel
 
 from fedpt_app.instruct.decoding import positions_of
 from fedpt_app.instruct.prompts import IGNORE_INDEX, TokenizedExample, collate
-from fedpt_app.instruct.proxy import LogitsProvider, refuse_embedding_lora, small_offset
+from fedpt_app.instruct.proxy import LogitsProvider, refuse_embedding_lora, tuned_and_base
 from fedpt_app.models.lora import adapter_state, load_adapter_state
 from fedpt_app.serving.wire import approximate_top_k, dense_from_top_k, tail_log_mass
 
@@ -60,7 +60,9 @@ class DistillConfig:
     batch_size: int
     seed: int
     teacher_top_k: int = 0  # 0: the large model's full distribution; k: its k largest log-probabilities
-    teacher_tail: str = "uniform"  # with teacher_top_k: the other tokens share the rest ("uniform") or get none
+    # with teacher_top_k, the tokens outside the large model's top-k: an equal share of the rest ("uniform"), none
+    # ("drop"), or that share for the tuned small's top-k only, none for the others ("union")
+    teacher_tail: str = "uniform"
 
 
 def _forward_at_responses(logits_fn, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -70,10 +72,12 @@ def _forward_at_responses(logits_fn, batch: dict[str, torch.Tensor]) -> torch.Te
     return logits[mask.to(logits.device)]
 
 
+def _inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return batch["input_ids"], batch["attention_mask"], positions_of(batch["attention_mask"])
+
+
 def _large_at_responses(large: LogitsProvider, batch: dict[str, torch.Tensor], top_k: int = 0) -> torch.Tensor:
-    mask = response_positions(batch["labels"])
-    inputs = (batch["input_ids"], batch["attention_mask"], positions_of(batch["attention_mask"]))
-    return large.logits_at(*inputs, mask, top_k=top_k)
+    return large.logits_at(*_inputs(batch), response_positions(batch["labels"]), top_k=top_k)
 
 
 class TeacherCache:
@@ -177,6 +181,10 @@ class TeacherCache:
         return dense_from_top_k(gathered("token_ids").long(), values, gathered("tail"), self.vocab_size, self.tail)
 
 
+def top_k_mask(rows: torch.Tensor, top_k: int) -> torch.Tensor:
+    return torch.zeros_like(rows, dtype=torch.bool).scatter(-1, rows.topk(top_k, dim=-1).indices, True)
+
+
 def _no_grad_logits(model: torch.nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -248,7 +256,7 @@ class ProxyDistiller:
             cache_budget_mb,
             cache_dir,
             top_k=config.teacher_top_k,
-            tail=config.teacher_tail,
+            tail="uniform" if config.teacher_tail == "union" else config.teacher_tail,
         )
 
     def batch_indices(self, server_round: int) -> list[list[int]]:
@@ -270,11 +278,16 @@ class ProxyDistiller:
         if self.cache.enabled:
             large_rows = self.cache.rows(indices)
         else:
-            large_rows = approximate_top_k(
-                _large_at_responses(self.large, batch, top_k), top_k, self.config.teacher_tail
-            )
-        offset = _forward_at_responses(lambda *a: small_offset(self.small, vocab, *a)[0], batch)
-        return large_rows.to(offset.device) + alpha * offset
+            fill = "uniform" if self.config.teacher_tail == "union" else self.config.teacher_tail
+            large_rows = approximate_top_k(_large_at_responses(self.large, batch, top_k), top_k, fill)
+        (tuned, base), _ = tuned_and_base(self.small, vocab, *_inputs(batch))
+        mask = response_positions(batch["labels"]).to(tuned.device)
+        tuned, base = tuned[mask], base[mask]
+        teacher = large_rows.to(tuned.device) + alpha * (tuned - base)
+        if self.config.teacher_tail != "union":
+            return teacher
+        candidates = top_k_mask(large_rows, top_k) | top_k_mask(tuned, top_k)
+        return teacher.masked_fill(~candidates.to(teacher.device), -torch.inf)
 
     def run_round(self, server_round: int, start_state: OrderedDict[str, torch.Tensor]) -> DistillResult:
         """Start from the aggregated adapter, take `steps` KD steps, return the new adapter."""

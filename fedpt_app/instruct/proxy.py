@@ -136,8 +136,26 @@ def small_offset(
     use_cache: bool = False,
     last: int = 0,
 ) -> tuple[torch.Tensor, Any]:
-    """`zs_tuned - zs_base` from ONE batched forward: the batch twice, the adapter applied to the first half only;
-    for the last `last` positions only (0: all; the LM head skipped elsewhere, which matters on a long prompt)."""
+    """`zs_tuned - zs_base` from ONE batched forward (`tuned_and_base`)."""
+    (tuned, base), cache = tuned_and_base(
+        small, vocab_size, input_ids, attention_mask, position_ids, cache, use_cache, last
+    )
+    return tuned - base, cache
+
+
+def tuned_and_base(
+    small: PeftModel,
+    vocab_size: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: Any = None,
+    use_cache: bool = False,
+    last: int = 0,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
+    """(`zs_tuned`, `zs_base`) from ONE batched forward: the batch twice, the adapter applied to the first half
+    only; for the last `last` positions only (0: all; the LM head skipped elsewhere, which matters on a long
+    prompt)."""
     batch = input_ids.shape[0]
     keep = {"logits_to_keep": last} if last else {}
     with adapter_on_first_rows(small, batch, 2 * batch):
@@ -151,7 +169,7 @@ def small_offset(
             **keep,
         )
     logits = logits[..., :vocab_size]
-    return logits[:batch] - logits[batch:], cache
+    return (logits[:batch], logits[batch:]), cache
 
 
 def refuse_embedding_lora(model: PeftModel) -> None:

@@ -3,6 +3,7 @@ refusals of bad requests, and the top-k teacher."""
 
 import math
 import socket
+import subprocess
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ from fedpt_app.instruct.distill import TeacherCache, response_positions
 from fedpt_app.instruct.prompts import collate, tokenize_rows
 from fedpt_app.instruct.proxy import VocabularyMismatchError, proxy_step
 from fedpt_app.models.loading import load_tokenizer
-from fedpt_app.serving.background import serve_in_background
+from fedpt_app.serving.background import serve_in_background, service_process
 from fedpt_app.serving.logits_service import LogitsEngine, ServiceLimits, create_app
 from fedpt_app.serving.openai_api import create_app as create_openai_app
 from fedpt_app.serving.openai_api import load_served_model
@@ -28,6 +29,7 @@ from fedpt_app.serving.remote import (
     token_from_environment,
 )
 from fedpt_app.serving.wire import approximate_top_k, decode_logprobs, dense_from_top_k, encode_logprobs
+from fedpt_app.tools import cli
 from fedpt_app.tools.preflight import preflight
 from fedpt_app.tools.simulation import validate_overrides
 from tests.conftest import build_tokenizer
@@ -264,3 +266,38 @@ def test_a_top_k_teacher_cache_over_the_wire_holds_the_large_models_top_k(
     full = large.logits_at(batch["input_ids"], batch["attention_mask"], positions_of(batch["attention_mask"]), mask)
     expected = approximate_top_k(full, 5, "drop")
     torch.testing.assert_close(top.rows([0, 1, 2]), expected, atol=5e-3, rtol=1e-3)  # float16 values
+
+
+def test_serve_logits_over_tls_as_its_owner_starts_it(
+    tmp_path, tiny_large_dir, tiny_model_dir, large, monkeypatch, capsys
+):
+    """The command itself, in its own process, with the demo CA's certificate: https works and answers as the local
+    model does; plain http off loopback and a short token are refused before the model loads."""
+    subprocess.run(
+        ["bash", "scripts/make-certificates.sh", str(tmp_path / "tls"), "1"], check=True, capture_output=True
+    )
+    (tmp_path / "token").write_text("tls-token-0123456789abcdef\n")
+    port = free_port()
+    command = ["fedpt-app", "serve-logits", "--model", str(tiny_large_dir), "--port", str(port)]
+    command += ["--token-file", str(tmp_path / "token")]
+    tls = [
+        "--tls-certfile",
+        str(tmp_path / "tls" / "superlink.crt"),
+        "--tls-keyfile",
+        str(tmp_path / "tls" / "superlink.key"),
+    ]
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "tls" / "ca.crt"))  # the client trusts the demo CA
+    with service_process(command + tls, f"https://127.0.0.1:{port}", ready_path="/healthz", timeout_s=120) as url:
+        remote = RemoteLogitsProvider(url, load_tokenizer(str(tiny_model_dir)), token="tls-token-0123456789abcdef")
+        ids, mask = encoded(load_tokenizer(str(tiny_model_dir)), PROMPTS)
+        positions = positions_of(mask)
+        assert torch.equal(
+            remote.logits(ids, mask, positions, last=1)[0], large.logits(ids, mask, positions, last=1)[0]
+        )
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    assert cli.main(command[1:] + ["--host", "0.0.0.0"]) == 2
+    assert "in clear text" in capsys.readouterr().err
+    (tmp_path / "short").write_text("short\n")
+    assert cli.main(["serve-logits", "--model", str(tiny_large_dir), "--token-file", str(tmp_path / "short")]) == 2
+    assert "at least 16 characters" in capsys.readouterr().err

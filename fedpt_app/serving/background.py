@@ -47,4 +47,8 @@ def service_process(
         yield url
     finally:
         process.terminate()
-        process.wait(30)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:  # open keep-alive connections can hold a graceful shutdown
+            process.kill()
+            process.wait(30)

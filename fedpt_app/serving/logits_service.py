@@ -324,4 +324,5 @@ def serve(
     provider = LocalLogitsProvider(model_ref, shared_vocab_size(model_ref, model_ref), quantization, spread=True)
     engine = LogitsEngine(provider, load_tokenizer(model_ref), model_ref, limits)
     tls = {"ssl_certfile": tls_certfile, "ssl_keyfile": tls_keyfile} if tls_certfile else {}
-    uvicorn.run(create_app(engine, token), host=host, port=port, log_level="info", **tls)
+    # a stop signal waits at most 10 s for requests in flight (idle keep-alive clients do not hold it up)
+    uvicorn.run(create_app(engine, token), host=host, port=port, log_level="info", timeout_graceful_shutdown=10, **tls)

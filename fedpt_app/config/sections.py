@@ -200,7 +200,7 @@ class InstructConfig(Section):
     teacher_cache: str = "memory"
     teacher_cache_mb: float = 2048.0
     kd_teacher_top_k: int = 0  # 0: the large model's full distribution; k: its k largest log-probs (cache, wire)
-    kd_teacher_tail: str = "uniform"  # with a top-k teacher: the rest shared evenly, "drop"ped, or "union"
+    kd_teacher_tail: str = "union"  # with a top-k teacher: the rest "union" (docs/serving.md), "uniform" or "drop"
     max_new_tokens: int = 0  # 0: enough for 95% of the server split's references
 
     def validate(self) -> None:

@@ -62,7 +62,7 @@ class DistillConfig:
     teacher_top_k: int = 0  # 0: the large model's full distribution; k: its k largest log-probabilities
     # with teacher_top_k, the tokens outside the large model's top-k: an equal share of the rest ("uniform"), none
     # ("drop"), or that share for the tuned small's top-k only, none for the others ("union")
-    teacher_tail: str = "uniform"
+    teacher_tail: str = "union"
 
 
 def _forward_at_responses(logits_fn, batch: dict[str, torch.Tensor]) -> torch.Tensor:

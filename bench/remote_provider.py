@@ -2,7 +2,7 @@
 decoding tokens/s, the teacher cache's build time, and the bytes on the wire, measured side by side in one run.
 
     python bench/remote_provider.py [--run DIR] [--new-tokens 32] [--batch-sizes 1,8] [--repeats 3] [--top-k 20]
-                                    [--threads 1]
+                                    [--threads 1] [--cache-examples N]
 
 --run takes a finished FedPT run's small model, large model and adapter (default: the preset's models with a
 random adapter). --threads: torch threads of this process and of the service each (default 1, as if each had
@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import torch
 from peft import PeftModel
 
@@ -50,6 +51,15 @@ def tuned_small(args, config):
         small, {k: 0.05 * torch.randn(v.shape, generator=generator) for k, v in adapter_state(small).items()}
     )
     return small, instruct.small_model, instruct.large_model
+
+
+def round_trip_ms(url: str, count: int = 200) -> float:
+    with httpx.Client(base_url=url) as client:
+        client.get("/healthz")
+        began = time.perf_counter()
+        for _ in range(count):
+            client.get("/healthz")
+    return (time.perf_counter() - began) / count * 1000
 
 
 def wire_bytes(provider: RemoteLogitsProvider) -> int:
@@ -83,6 +93,7 @@ def bench_decoding(args, small, tokenizer, local, remote, prompts_pool) -> None:
 
 def bench_teacher_cache(args, config, small, tokenizer, local, remote) -> None:
     rows = load_splits(config.data.dataset, config.data.test_fraction, config.seed)["server"]
+    rows = rows[: args.cache_examples] if args.cache_examples > 0 else rows
     examples, _ = tokenize_rows(tokenizer, rows, config.training.max_length, config.training.max_length // 2)
     pad, directory = tokenizer.pad_token_id, Path(tempfile.mkdtemp())
     variants = {"local": (local, 0), "remote": (remote, 0), f"remote, top-{args.top_k}": (remote, args.top_k)}
@@ -113,6 +124,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--cache-examples", type=int, default=0, help="server-split rows for the teacher cache (0: all)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = validate_overrides(args.run_config)
@@ -134,6 +148,7 @@ def main() -> int:
             )
             rows = load_test_rows(config.data.dataset, config.data.test_dataset, config.data.test_fraction, config.seed)
             prompts = [build_prompt(row["instruction"], row.get("context", "")) for row in rows]
+            print(f"an empty request (GET /healthz) takes {round_trip_ms(url):.2f} ms on loopback")
             bench_decoding(args, small, tokenizer, local, remote, prompts)
             bench_teacher_cache(args, config, small, tokenizer, local, remote)
     return 0

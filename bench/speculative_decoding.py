@@ -1,8 +1,8 @@
 """Speculative proxy decoding throughput: the tuned small model drafts --draft-tokens tokens, one large forward and one
 merged small forward verify them, vs plain proxy decoding (one large forward per token).
 
-    python bench/speculative_decoding.py [--run-config "..."] [--adapter RUN/adapter] [--new-tokens 128]
-        [--batch-sizes 1,8] [--draft-tokens 4]
+    python bench/speculative_decoding.py [--run-config "..."] [--adapter RUN/adapter | --tune-steps N]
+        [--new-tokens 128] [--batch-sizes 1,8] [--draft-tokens 4]
 
 Both decode the same prompts for exactly --new-tokens tokens (EOS ignored, no stop strings), greedy, in interleaved
 repeats; the speed-up is the median of the per-repeat ratios. A random adapter drafts poorly (the proxy rarely agrees
@@ -12,6 +12,7 @@ with it): pass a finished run's trained adapter for a realistic acceptance rate.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -19,9 +20,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from fedpt_app.instruct.data import load_test_rows
+from fedpt_app.instruct.data import load_splits, load_test_rows
 from fedpt_app.instruct.decoding import DecodingConfig, decode
-from fedpt_app.instruct.prompts import build_prompt
+from fedpt_app.instruct.prompts import batches, build_prompt, tokenize_rows
 from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step, shared_vocab_size
 from fedpt_app.instruct.speculative import SpeculativeStats, speculative_decode
 from fedpt_app.models.loading import load_causal_lm, load_tokenizer
@@ -29,25 +30,43 @@ from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, l
 from fedpt_app.tools.simulation import validate_overrides
 
 
-def tuned_small(config, adapter_dir: str) -> tuple[PeftModel, str]:
-    """The small model with the saved adapter in `adapter_dir`, or else with a small random one; and which."""
+def tuned_small(config, adapter_dir: str, tune_steps: int) -> tuple[PeftModel, str]:
+    """The small model with the saved adapter in `adapter_dir`, or LoRA-tuned here for `tune_steps` steps on the
+    train split (a drafter that learned the task's answer format), or else with a small random adapter; and which."""
     instruct = config.instruct
     if adapter_dir:
         if not (Path(adapter_dir) / "adapter_config.json").is_file():
             raise SystemExit(f"--adapter {adapter_dir!r} is not a saved peft adapter folder (no adapter_config.json)")
         return PeftModel.from_pretrained(load_causal_lm(instruct.small_model), adapter_dir).eval(), adapter_dir
     small = lora_model(instruct.small_model, LoraSpec.from_settings(config.lora), seed=config.seed)
+    if tune_steps:
+        tune(small, config, tune_steps)
+        return small.eval(), f"LoRA-tuned here for {tune_steps} steps of 8 on the train split (lr {config.training.lr})"
     generator = torch.Generator().manual_seed(0)
     load_adapter_state(
         small, {k: 0.05 * torch.randn(v.shape, generator=generator) for k, v in adapter_state(small).items()}
     )
-    return small.eval(), "random (a poor drafter: pass --adapter for a trained one)"
+    return small.eval(), "random (a poor drafter: pass --adapter or --tune-steps for a trained one)"
+
+
+def tune(small: PeftModel, config, steps: int) -> None:
+    tokenizer = load_tokenizer(config.instruct.small_model)
+    rows = load_splits(config.data.dataset, config.data.test_fraction, config.seed)["train"]
+    examples, _ = tokenize_rows(tokenizer, rows, config.training.max_length, config.training.max_length // 2)
+    optimizer = torch.optim.AdamW([p for p in small.parameters() if p.requires_grad], lr=config.training.lr)
+    small.train()
+    one_pass = batches(examples, 8, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
+    for batch in itertools.islice(one_pass, steps):
+        small(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-config", default="")
     parser.add_argument("--adapter", default="", help="a saved peft adapter folder of the small model (RUN/adapter)")
+    parser.add_argument("--tune-steps", type=int, default=0, help="without --adapter: LoRA-tune the small here first")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--draft-tokens", type=int, default=4)
@@ -56,7 +75,7 @@ def main() -> int:
     config = validate_overrides(args.run_config)
     instruct, data = config.instruct, config.data
     tokenizer = load_tokenizer(instruct.small_model)
-    small, adapter = tuned_small(config, args.adapter)
+    small, adapter = tuned_small(config, args.adapter, args.tune_steps)
     large = LocalLogitsProvider(
         instruct.large_model,
         shared_vocab_size(instruct.small_model, instruct.large_model),

@@ -80,9 +80,10 @@ class LocalLogitsProvider:
         return torch.log_softmax(logits[:, -last:, : self.vocab_size], dim=-1), cache
 
     def logits_at(self, input_ids, attention_mask, position_ids, mask, top_k=0):
-        """All rows (`top_k` only saves traffic for a remote provider; the caller keeps the top-k it needs)."""
-        logits, _ = self.logits(input_ids, attention_mask, position_ids)
-        return logits[mask.to(logits.device)]
+        """The selected rows, normalised after selection (`top_k` only saves traffic for a remote provider; the
+        caller keeps the top-k it needs)."""
+        logits, _ = causal_lm_logits(self.model, input_ids, attention_mask, position_ids)
+        return torch.log_softmax(logits[mask.to(logits.device)][:, : self.vocab_size], dim=-1)
 
 
 def check_logit_widths(vocab_size: int, widths: dict[str, int]) -> int:

@@ -3,13 +3,17 @@ process (loopback by default)."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 from fastapi import FastAPI
+
+from fedpt_app.serving.remote import RemoteModelError
 
 
 @contextmanager
@@ -39,8 +43,6 @@ def service_process(
 ) -> Iterator[str]:
     """Run a serving command (`fedpt-app serve-logits …`, `fedpt-app serve …`) in its own process while the block
     runs, as its operator would; yields `url` once `ready_path` answers."""
-    from fedpt_app.serving.remote import wait_until_ready
-
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         wait_until_ready(url, timeout_s=timeout_s, process=process, path=ready_path)
@@ -52,3 +54,16 @@ def service_process(
         except subprocess.TimeoutExpired:  # open keep-alive connections can hold a graceful shutdown
             process.kill()
             process.wait(30)
+
+
+def wait_until_ready(url: str, timeout_s: float = 120.0, process=None, path: str = "/healthz") -> None:
+    """Block until a service answers `path` with 200 (a freshly started one loads its model first)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RemoteModelError(f"the service at {url} exited with status {process.returncode} while starting")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise RemoteModelError(f"no answer from {url}{path} within {timeout_s:g} s")

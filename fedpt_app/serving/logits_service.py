@@ -163,7 +163,7 @@ class LogitsEngine:
         input_ids, attention_mask = self.tensors(request)
         if request.select is not None:
             select = self.selection(request.select, input_ids.shape)
-            rows = self.logprobs(input_ids, attention_mask)[0][select]
+            rows = self.provider.logits_at(input_ids, attention_mask, positions_of(attention_mask), select).cpu()
         else:
             rows = self.logprobs(input_ids, attention_mask, last=request.last)[0]
         return {"logprobs": encode_logprobs(rows, request.top_k, request.dtype)}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import time
 import weakref
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -70,11 +69,9 @@ class RemoteSession:
 class RemoteLogitsProvider:
     """`LogitsProvider` over a `fedpt-app serve-logits` service (protocol fedpt-logits/1)."""
 
-    def __init__(
-        self, ref: str, tokenizer, *, token: str | None = None, top_k: int = 0, dtype: str = "float32", timeout_s=300
-    ) -> None:
+    def __init__(self, ref: str, tokenizer, *, token: str | None = None, dtype: str = "float32", timeout_s=300) -> None:
         self.url = checked_url(ref)
-        self.top_k, self.dtype = top_k, dtype
+        self.dtype = dtype
         self.bytes_sent = self.bytes_received = 0  # what crossed the wire (bodies only), for the benchmarks
         self.client = httpx.Client(
             base_url=self.url,
@@ -114,7 +111,6 @@ class RemoteLogitsProvider:
         return {
             "input_ids": input_ids.tolist(),
             "attention_mask": attention_mask.tolist(),
-            "top_k": self.top_k,
             "dtype": self.dtype,
         } | fields
 
@@ -255,16 +251,3 @@ def remote_provider(ref: str, tokenizer) -> RemoteLogitsProvider | OpenAIComplet
     if ref.startswith(OPENAI_SCHEME):
         return OpenAICompletionsProvider(ref, tokenizer)
     return RemoteLogitsProvider(ref, tokenizer)
-
-
-def wait_until_ready(url: str, timeout_s: float = 120.0, process=None, path: str = "/healthz") -> None:
-    """Block until a service answers `path` with 200 (a freshly started one loads its model first)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RemoteModelError(f"the service at {url} exited with status {process.returncode} while starting")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
-                return
-        time.sleep(0.25)
-    raise RemoteModelError(f"no answer from {url}{path} within {timeout_s:g} s")

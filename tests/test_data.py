@@ -126,3 +126,22 @@ def test_hub_path_with_a_local_dataset_folder(tmp_path):
     splits = load_splits(str(folder))
     assert sum(len(part) for part in splits.values()) == 40
     assert len(load_test_rows("builtin", str(folder), 0.1, 0)) == 40  # a separate test set is used whole
+
+
+def test_world_facts_splits_are_disjoint_with_the_documented_schema():
+    splits = load_splits("world-facts")
+    assert len(splits["test"]) >= 200  # the default test-fraction keeps at least 200 test rows
+    for rows in splits.values():
+        for row in rows:
+            assert set(row) == {"instruction", "context", "response", "category"}
+            assert row["category"] in {"capital", "city-country"} and row["response"] and not row["context"]
+    questions = {split: {row["instruction"] for row in rows} for split, rows in splits.items()}
+    assert sum(map(len, questions.values())) == sum(map(len, splits.values()))  # every question asked once
+    assert not questions["test"] & (questions["train"] | questions["server"])
+    assert not questions["server"] & questions["train"]
+    assert {row["category"] for row in splits["test"]} == {"capital", "city-country"}
+    gabon = next(
+        row for rows in splits.values() for row in rows if row["instruction"] == "What is the capital of Gabon?"
+    )
+    assert gabon["response"] == "Libreville"
+    assert load_splits.__wrapped__("world-facts") == splits  # rebuilt from the package's data: the same rows

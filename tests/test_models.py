@@ -82,3 +82,19 @@ def test_bitsandbytes_loading_on_cpu(tmp_path_factory, tiny_tokenizer, quantizat
     with torch.no_grad():
         error = (quantized(ids).logits - full(ids).logits).abs().max().item()
     assert 0 < error < 0.5
+
+
+def test_bf16_holds_the_weights_in_bfloat16_and_keeps_the_last_positions_logits(tiny_model_dir):
+    from fedpt_app.instruct.decoding import causal_lm_logits, keep_last
+
+    full = load_causal_lm(str(tiny_model_dir))
+    half = load_causal_lm(str(tiny_model_dir), "bf16")
+    assert next(half.parameters()).dtype == torch.bfloat16 and next(full.parameters()).dtype == torch.float32
+    ids = torch.tensor([[0, 5, 9, 12], [3, 4, 7, 8]])
+    mask, positions = torch.ones_like(ids), torch.arange(4).expand(2, 4)
+    assert keep_last(ids, 0) == {} and keep_last(ids, 2)["logits_to_keep"].tolist() == [2, 3]
+    every, _ = causal_lm_logits(half, ids, mask, positions)
+    last_two, _ = causal_lm_logits(half, ids, mask, positions, **keep_last(ids, 2))
+    assert last_two.dtype == torch.float32 and torch.equal(last_two, every[:, -2:])
+    reference, _ = causal_lm_logits(full, ids, mask, positions)
+    assert (every - reference).abs().max().item() < 0.1  # bfloat16 rounding, not another model

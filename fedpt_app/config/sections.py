@@ -11,7 +11,7 @@ from typing import ClassVar
 from fedpt_app.serving import is_remote_ref
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
-QUANTIZATIONS = ("none", "8bit", "4bit")
+QUANTIZATIONS = ("none", "bf16", "8bit", "4bit")
 WIRE_DTYPES = ("float32", "float16")
 TEACHER_CACHE_MODES = ("memory", "disk", "off")
 DP_MODES = ("off", "server", "client")

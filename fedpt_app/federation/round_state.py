@@ -45,6 +45,7 @@ class RoundState:
     client_cuda_peak_mb: float = 0.0
     client_rows_truncated: int = 0  # training rows cut to fit max-length, summed over the clients
     server_step_seconds: float = 0.0
+    server_cuda_peak_mb: float | None = None  # the server process's CUDA peak so far (None without a GPU)
     notes: dict[str, Any] = field(default_factory=dict)  # the algorithm's own figures
 
     def note(self, **figures: Any) -> None:
@@ -82,6 +83,7 @@ class RoundState:
                 "server_step_seconds": self.server_step_seconds,
             }
         )
+        row.update(_present(server_cuda_peak_mb=self.server_cuda_peak_mb))
         return {**row, **self.notes}
 
 

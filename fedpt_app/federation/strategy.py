@@ -306,6 +306,8 @@ class FederatedStrategy(FedAvg):
         record.client_cuda_peak_mb = max(float(reply.cuda_peak_mb) for reply in metrics)
         record.client_rows_truncated = sum(int(reply.rows_truncated) for reply in metrics)
         record.server_step_seconds = time.perf_counter() - server_started
+        if torch.cuda.is_available():  # the server's models: the large one (evaluation, teacher) and the small
+            record.server_cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
         return to_array_record(global_state, "float32"), MetricRecord({"train-loss": train_loss})
 
     def server_step(self, server_round: int, state: State) -> State:

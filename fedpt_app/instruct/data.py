@@ -1,9 +1,10 @@
 """Instruction datasets from every source, as validated rows {instruction, context, response, category}.
 
-A dataset reference is `builtin`, a local `.jsonl` / `.json` / `.csv` file, or anything `datasets.load_dataset`
-takes (a hub id such as `databricks/databricks-dolly-15k`, or a local dataset folder). Aliases name the hub
-datasets of the FedPT paper. Each source yields three disjoint splits: `train` (partitioned across clients),
-`server` (the server's own data, e.g. for distillation) and `test` (held out for evaluation).
+A dataset reference is `builtin`, `world-facts` (geography questions from GeoNames: instruct/world_facts.py), a
+local `.jsonl` / `.json` / `.csv` file, or anything `datasets.load_dataset` takes (a hub id such as
+`databricks/databricks-dolly-15k`, or a local dataset folder). Aliases name the hub datasets of the FedPT paper.
+Each source yields three disjoint splits: `train` (partitioned across clients), `server` (the server's own data,
+e.g. for distillation) and `test` (held out for evaluation).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from fedpt_app.datafiles import DatasetError, read_records, seeded_sample
 from fedpt_app.instruct.builtin import builtin_instruction_split
+from fedpt_app.instruct.world_facts import NAME as WORLD_FACTS
+from fedpt_app.instruct.world_facts import world_fact_rows
 
 if TYPE_CHECKING:
     from fedpt_app.device.partition import PartitionSpec
@@ -124,7 +127,9 @@ def load_splits(ref: str, test_fraction: float = 0.1, seed: int = 0) -> dict[str
     if ref == "builtin":
         return {split: tuple(builtin_instruction_split(split, seed)) for split in SPLITS}
     path = Path(ref).expanduser()
-    if path.suffix in LOCAL_SUFFIXES:
+    if ref == WORLD_FACTS:
+        rows = list(world_fact_rows())
+    elif path.suffix in LOCAL_SUFFIXES:
         rows = _read_local_file(path)
     elif ref.startswith(("/", ".", "~")) and not path.exists():
         raise DatasetError(f"Dataset path {ref!r} does not exist")

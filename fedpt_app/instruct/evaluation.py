@@ -1,4 +1,5 @@
-"""The instruct family's central evaluation: batched greedy decoding on held-out rows, Rouge-L F1 and exact match."""
+"""The instruct family's central evaluation: batched greedy decoding on held-out rows, Rouge-L F1, exact match and
+whether the answer contains the reference."""
 
 from __future__ import annotations
 
@@ -34,10 +35,22 @@ class GenerationScores:
     rouge_l: float  # mean Rouge-L F1, in percent
     exact_match: float  # percent of normalized predictions equal to the normalized reference
     predictions: list[str]
+    contains: float = 0.0  # percent of normalized predictions holding the normalized reference as whole words
 
 
 def normalize_answer(text: str) -> str:
     return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def contains_reference(prediction: str, reference: str) -> bool:
+    """The reference's words, in order, somewhere in the answer ("The capital of Gabon is Libreville." holds
+    "Libreville"; "Nigeria" does not hold "Niger"): the content of an answer, whatever its form."""
+    return f" {normalize_answer(reference)} " in f" {normalize_answer(prediction)} "
+
+
+def contains_rate(predictions: Sequence[str], references: Sequence[str]) -> float:
+    hits = [contains_reference(p, r) for p, r in zip(predictions, references, strict=True)]
+    return 100.0 * sum(hits) / len(hits)
 
 
 def score(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, float]:
@@ -74,4 +87,4 @@ def evaluate_generation(
     for start in range(0, len(prompts), batch_size):
         predictions += decode(new_step(), tokenizer, prompts[start : start + batch_size], decoding)
     rouge_l, exact_match = score(predictions, references)
-    return GenerationScores(rouge_l, exact_match, predictions)
+    return GenerationScores(rouge_l, exact_match, predictions, contains_rate(predictions, references))

@@ -18,6 +18,7 @@ from fedpt_app.instruct.decoding import (
     causal_lm_logits,
     decode,
     end_token_ids,
+    keep_last,
     positions_of,
 )
 from fedpt_app.instruct.prompts import build_prompts
@@ -75,7 +76,7 @@ class LocalLogitsProvider:
         self.end_token_ids = end_token_ids(self.model)
 
     def logits(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False, last=0):
-        keep = {"logits_to_keep": last} if last else {}  # skips the LM head on the positions nobody reads
+        keep = keep_last(input_ids, last)  # skips the LM head on the positions nobody reads
         logits, cache = causal_lm_logits(self.model, input_ids, attention_mask, position_ids, cache, use_cache, **keep)
         return torch.log_softmax(logits[:, -last:, : self.vocab_size], dim=-1), cache
 
@@ -158,7 +159,7 @@ def tuned_and_base(
     only; for the last `last` positions only (0: all; the LM head skipped elsewhere, which matters on a long
     prompt)."""
     batch = input_ids.shape[0]
-    keep = {"logits_to_keep": last} if last else {}
+    keep = keep_last(input_ids, last)
     with adapter_on_first_rows(small, batch, 2 * batch):
         logits, cache = causal_lm_logits(
             small,

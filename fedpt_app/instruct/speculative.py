@@ -24,6 +24,7 @@ from fedpt_app.instruct.decoding import (
     answers,
     causal_lm_logits,
     crop_cache,
+    keep_last,
     pick_next,
     positions_of,
     sampling_probs,
@@ -93,7 +94,7 @@ def _draft(
             positions_of(mask)[:, cache.length :],
             cache.value,
             True,
-            logits_to_keep=1,
+            **keep_last(ids[:, cache.length :], 1),
         )
         cache.length = ids.shape[1]
         draft_logits.append(logits[:, -1, :vocab_size])

@@ -163,13 +163,13 @@ def resolve_model_ref(ref: str) -> str:
 
 
 def _quantization_config(quantization: str) -> BitsAndBytesConfig | None:
-    if quantization == "none":
+    if quantization in ("none", "bf16"):
         return None
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    raise ModelLoadError(f"Unknown quantization {quantization!r}; choose none, 8bit or 4bit")
+    raise ModelLoadError(f"Unknown quantization {quantization!r}; choose none, bf16, 8bit or 4bit")
 
 
 @functools.cache
@@ -186,11 +186,13 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
 
 @functools.cache
 def load_causal_lm(ref: str, quantization: str = "none", spread: bool = False) -> torch.nn.Module:
-    """A frozen base causal LM on the default device; 8-bit/4-bit through bitsandbytes when asked. `spread` splits
-    it over every GPU there is (`device_map="auto"`: a large model's owner serving it whole)."""
+    """A frozen base causal LM on the default device; 8-bit/4-bit through bitsandbytes when asked, bfloat16 weights
+    with `bf16` (the default on a GPU; on a CPU with bfloat16 instructions about 4× faster than float32). `spread`
+    splits it over every GPU there is (`device_map="auto"`: a large model's owner serving it whole)."""
     source = resolve_model_ref(ref)
     device = default_device()
-    kwargs: dict = {"dtype": torch.float32 if device.type == "cpu" else torch.bfloat16}
+    use_bf16 = device.type != "cpu" or quantization == "bf16"
+    kwargs: dict = {"dtype": torch.bfloat16 if use_bf16 else torch.float32}
     quantization_config = _quantization_config(quantization)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config

@@ -12,10 +12,13 @@ from typing import TYPE_CHECKING
 
 from fedpt_app import algorithms
 from fedpt_app.config import ConfigError, RunConfig, default_output_root
+from fedpt_app.plots import SCORE_METRICS
 from fedpt_app.tools.serving_commands import add_serving_commands
 
 if TYPE_CHECKING:
     from fedpt_app.tools.simulation import SimulationOutcome
+
+GPU_SHARE_HELP = "the GPU share of each simulated client (e.g. 0.25: four clients per GPU; 0: CPU only)"
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -34,7 +37,11 @@ def simulate(args: argparse.Namespace) -> int:
 
     config = checked_config(args.run_config, num_nodes=args.num_supernodes)
     outcome = run_simulation(
-        args.run_config, num_supernodes=args.num_supernodes, client_cpus=args.client_cpus, verbose=args.verbose
+        args.run_config,
+        num_supernodes=args.num_supernodes,
+        client_cpus=args.client_cpus,
+        client_gpus=args.client_gpus,
+        verbose=args.verbose,
     )
     return _exit_status(outcome, config)
 
@@ -56,9 +63,6 @@ def _exit_status(outcome: SimulationOutcome, config: RunConfig) -> int:
         return 0
     print(f"\n[fedpt-app] run {outcome.run_id} ended as {outcome.status}: {outcome.details}", file=sys.stderr)
     return 1
-
-
-SCORE_METRICS = ("rouge_l", "exact_match", "accuracy")
 
 
 def _scores_by_model(row: dict) -> dict[str, dict[str, float]]:
@@ -155,7 +159,13 @@ def compare(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     ok = run_comparison(
-        args.algorithms, args.run_config, Path(args.output), args.num_supernodes, seeds, verbose=args.verbose
+        args.algorithms,
+        args.run_config,
+        Path(args.output),
+        args.num_supernodes,
+        seeds,
+        verbose=args.verbose,
+        client_gpus=args.client_gpus,
     )
     return 0 if ok else 1
 
@@ -214,6 +224,7 @@ def _add_run_commands(commands) -> None:
     command.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=3 lr=0.001"')
     command.add_argument("--num-supernodes", type=int, default=4)
     command.add_argument("--client-cpus", type=float, default=1)
+    command.add_argument("--client-gpus", type=float, default=0, help=GPU_SHARE_HELP)
     command.add_argument("--verbose", **verbose)
     command.set_defaults(handler=simulate)
     command = commands.add_parser("deploy-local", help="one run on a local SuperLink + SuperNodes (TLS + auth)")
@@ -234,6 +245,7 @@ def _add_run_commands(commands) -> None:
     command.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (every algorithm runs each)")
     command.add_argument("--output", required=True, help="folder for each run, comparison.md/json and the plots")
     command.add_argument("--num-supernodes", type=int, default=4)
+    command.add_argument("--client-gpus", type=float, default=0, help=GPU_SHARE_HELP)
     command.add_argument("--verbose", **verbose)
     command.set_defaults(handler=compare)
     command = commands.add_parser("check-config", help="validate --run-config and its model and data references")

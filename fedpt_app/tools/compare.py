@@ -24,9 +24,16 @@ from fedpt_app.plots import plot_final_bars, plot_score_curves
 from fedpt_app.tools.preflight import preflight
 from fedpt_app.tools.simulation import run_simulation, validate_overrides
 
-SCORE_PREFIXES = ("rouge_l_", "exact_match_", "accuracy_", "knowledge_exact_match_", "skill_exact_match_")
+SCORE_PREFIXES = (
+    "rouge_l_",
+    "exact_match_",
+    "contains_",
+    "accuracy_",
+    "knowledge_exact_match_",
+    "skill_exact_match_",
+)
 MODELS = {INSTRUCT: ("small", "proxy", "large"), CLASSIFY: ("full", "sub")}
-METRICS = {INSTRUCT: ("rouge_l", "exact_match"), CLASSIFY: ("accuracy",)}
+METRICS = {INSTRUCT: ("rouge_l", "exact_match", "contains"), CLASSIFY: ("accuracy",)}
 SET_BY_COMPARE = {"algorithm", "seed", "output-dir"}
 PAIR = re.compile(r"""\s*([\w-]+)=("(?:[^"\\]|\\.)*"|'[^']*'|[^\s"']+)""")  # key=value, a value quoted or bare
 
@@ -189,6 +196,7 @@ def run_comparison(
     num_supernodes: int = 4,
     seeds: Sequence[int] = (0,),
     verbose: bool = False,
+    client_gpus: float = 0,
 ) -> bool:
     entries = parse_entries(algorithms)
     if not entries:
@@ -209,7 +217,7 @@ def run_comparison(
     all_ok = True
     for (entry, seed), overrides in configs.items():
         print(f"[fedpt-app compare] running {entry.label}, seed {seed} -> {output / entry.folder}", flush=True)
-        outcome = run_simulation(overrides, num_supernodes=num_supernodes, verbose=verbose)
+        outcome = run_simulation(overrides, num_supernodes=num_supernodes, client_gpus=client_gpus, verbose=verbose)
         if not outcome.succeeded:
             print(f"[fedpt-app compare] {entry.label}, seed {seed} ended as {outcome.status}: {outcome.details}")
             all_ok = False

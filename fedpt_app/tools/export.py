@@ -112,7 +112,7 @@ def card_facts(summary: dict, config: RunConfig, base: str) -> dict[str, str]:
     scores = {
         key: value
         for key, value in final.items()
-        if key.startswith(("rouge_l_", "exact_match_", "accuracy_")) and value is not None
+        if key.startswith(("rouge_l_", "exact_match_", "contains_", "accuracy_")) and value is not None
     }
     privacy, federation, lora = config.privacy, config.federation, config.lora
     dp = "none"

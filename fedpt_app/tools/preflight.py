@@ -79,7 +79,7 @@ def _check_dataset(key: str, ref: str, config: RunConfig) -> None:
 
             if ref in EVALUATION_SETS:
                 return
-            if ref == "builtin" or Path(ref).suffix in LOCAL_DATA or _offline_hub(ref):
+            if ref in ("builtin", "world-facts") or Path(ref).suffix in LOCAL_DATA or _offline_hub(ref):
                 load_splits(ref, config.data.test_fraction, config.seed)
         else:
             from fedpt_app.classify.data import load_classification_splits, read_classification_file

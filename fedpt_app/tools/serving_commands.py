@@ -86,7 +86,7 @@ def _add_generate_command(commands) -> None:
     command.add_argument("--adapter", default="", help="the small model's LoRA adapter folder (save_pretrained)")
     command.add_argument("--alpha", type=float, default=1.0, help="proxy strength")
     command.add_argument(
-        "--quantization", choices=QUANTIZATIONS, default="none", help="load the large model with bitsandbytes"
+        "--quantization", choices=QUANTIZATIONS, default="none", help="bf16 weights, or bitsandbytes 8/4-bit"
     )
     command.add_argument("--context", default="", help="optional input shown with every instruction")
     command.add_argument("--max-new-tokens", type=int, default=64)
@@ -138,7 +138,9 @@ def _add_serve_logits_command(commands) -> None:
     command.add_argument("--host", default="127.0.0.1")
     command.add_argument("--port", type=int, default=8765)
     command.add_argument("--token-file", required=True, help="file holding the bearer token clients must send")
-    command.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="bitsandbytes 8/4-bit")
+    command.add_argument(
+        "--quantization", choices=QUANTIZATIONS, default="none", help="bfloat16, or bitsandbytes 8/4-bit"
+    )
     command.add_argument("--tls-certfile", default="", help="serve HTTPS with this certificate (PEM)")
     command.add_argument("--tls-keyfile", default="", help="and this private key (PEM)")
     command.add_argument("--allow-plain-http", action="store_true", help="plain HTTP off loopback (behind a TLS proxy)")
@@ -218,7 +220,7 @@ def _add_serve_command(commands) -> None:
     command.add_argument("--port", type=int, default=8000)
     command.add_argument("--alpha", type=float, default=1.0, help="proxy strength")
     command.add_argument(
-        "--quantization", choices=QUANTIZATIONS, default="none", help="load the large model with bitsandbytes"
+        "--quantization", choices=QUANTIZATIONS, default="none", help="bf16 weights, or bitsandbytes 8/4-bit"
     )
     command.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one batch")
     command.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")

@@ -158,6 +158,7 @@ def run_simulation(
     *,
     num_supernodes: int = 4,
     client_cpus: float = 1,
+    client_gpus: float = 0,
     app_dir: Path = PROJECT_DIR,
     flwr_home: Path | None = None,
     echo: TextIO | None = sys.stdout,
@@ -173,7 +174,8 @@ def run_simulation(
         str(app_dir),
         "--stream",
         "--federation-config",
-        f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}",
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
+        f"client-resources-num-gpus={client_gpus}",
     ]
     if run_config.strip():
         command += ["--run-config", run_config]

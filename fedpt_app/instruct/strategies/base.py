@@ -73,8 +73,8 @@ class InstructStrategy(FederatedStrategy):
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     def evaluate_step(self, name: str, new_step: Callable[[], StepFn]) -> dict[str, float]:
-        """Greedy answers on the test rows from one decoding setup, reported as `rouge_l_<name>` and
-        `exact_match_<name>`; the answers go to predictions_<name>.jsonl."""
+        """Greedy answers on the test rows from one decoding setup, reported as `rouge_l_<name>`,
+        `exact_match_<name>` and `contains_<name>`; the answers go to predictions_<name>.jsonl."""
         decoding = DecodingConfig(max_new_tokens=self.max_new_tokens, end_token_ids=self.end_ids)
         references = [row["response"] for row in self.test_rows]
         scores = evaluate_generation(
@@ -86,7 +86,11 @@ class InstructStrategy(FederatedStrategy):
             batch_size=self.config.evaluation.eval_batch_size,
         )
         self.write_predictions(name, scores.predictions)
-        metrics = {f"rouge_l_{name}": scores.rouge_l, f"exact_match_{name}": scores.exact_match}
+        metrics = {
+            f"rouge_l_{name}": scores.rouge_l,
+            f"exact_match_{name}": scores.exact_match,
+            f"contains_{name}": scores.contains,
+        }
         kinds = [CATEGORY_KINDS.get(row["category"]) for row in self.test_rows]
         if all(kinds):  # the built-in set: exact match on knowledge and on skill questions apart
             by_kind = exact_match_by_group(scores.predictions, references, kinds)

@@ -371,8 +371,8 @@ def test_compare_gives_every_algorithm_the_same_clients_and_reports_mean_and_std
     run = simulation.run_simulation
     monkeypatch.setattr(
         "fedpt_app.tools.compare.run_simulation",
-        lambda overrides, num_supernodes, verbose: run(
-            overrides, num_supernodes=num_supernodes, flwr_home=tmp_path / "flwr", echo=None
+        lambda overrides, num_supernodes, client_gpus, verbose: run(
+            overrides, num_supernodes=num_supernodes, client_gpus=client_gpus, flwr_home=tmp_path / "flwr", echo=None
         ),
     )
     output = tmp_path / "compare"

@@ -92,6 +92,20 @@ def test_decoding_stops_at_every_end_token_of_the_generation_config(padded_small
     assert run_on == [tiny_tokenizer.decode([word] * 5).strip()] and run_on[0]  # the tokenizer's EOS alone: no stop
 
 
+def test_decoding_stops_at_the_padding_token(tiny_tokenizer):
+    word, pad = _word_id(tiny_tokenizer), tiny_tokenizer.pad_token_id
+    assert pad != tiny_tokenizer.eos_token_id
+
+    def word_pad_word(input_ids, attention_mask, position_ids):
+        generated = attention_mask.shape[1] - tiny_tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"].shape[1]
+        logits = torch.zeros(input_ids.shape[0], len(tiny_tokenizer))
+        logits[:, pad if generated == 1 else word] = 1.0
+        return logits
+
+    answer = decode(word_pad_word, tiny_tokenizer, PROMPTS[:1], DecodingConfig(max_new_tokens=5, stop_strings=()))
+    assert answer == [tiny_tokenizer.decode([word]).strip()]
+
+
 def test_alpha_zero_decodes_exactly_as_the_large_model_alone(tiny_model_dir, tiny_large_dir):
     small = lora_model(str(tiny_model_dir), LoraSpec(4, 8.0, target_modules=("q_proj", "v_proj")), seed=0)
     _random_adapter(small, seed=3)

@@ -6,7 +6,7 @@ it needs; `decode` owns the loop: token choice (greedy, temperature, top-p), EOS
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +67,7 @@ def decode(
     step: StepFn, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], config: DecodingConfig
 ) -> list[str]:
     """Continuations of `prompts` (without the prompt), each stopped at EOS or at its first stop string."""
-    end_ids = {tokenizer.eos_token_id, *config.end_token_ids}
+    end_ids = stop_token_ids(tokenizer, config.end_token_ids)
     tokenizer.padding_side = "left"
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True)
     attention_mask = encoded["attention_mask"]
@@ -165,6 +165,13 @@ def model_step(model: torch.nn.Module, vocab_size: int) -> StepFn:
         return logits[:, -1, :vocab_size]
 
     return step
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, end_ids: Iterable[int] = ()) -> set[int]:
+    """The ids that end an answer: the tokenizer's EOS, its padding token and `end_ids`. The padding token is never
+    part of an answer; Qwen2.5's <|endoftext|> is both its padding token and the end a model writes after a plain
+    (non-chat) prompt, which the generation config that the GGUF conversion writes no longer lists."""
+    return {tokenizer.eos_token_id, tokenizer.pad_token_id, *end_ids} - {None}
 
 
 def end_token_ids(*models: object) -> tuple[int, ...]:

@@ -28,6 +28,7 @@ from fedpt_app.instruct.decoding import (
     pick_next,
     positions_of,
     sampling_probs,
+    stop_token_ids,
     take_tokens,
 )
 from fedpt_app.instruct.prompts import build_prompts
@@ -184,7 +185,7 @@ def speculative_decode(
     if draft_tokens < 1:
         raise ValueError("draft_tokens must be at least 1")
     refuse_embedding_lora(small)
-    end_ids = {tokenizer.eos_token_id, *config.end_token_ids}
+    end_ids = stop_token_ids(tokenizer, config.end_token_ids)
     tokenizer.padding_side = "left"
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]

@@ -31,6 +31,7 @@ from fedpt_app.instruct.decoding import (
     model_step,
     pick_next,
     positions_of,
+    stop_token_ids,
 )
 from fedpt_app.instruct.proxy import large_only_step, proxy_step, refuse_embedding_lora
 from fedpt_app.serving.openai_schema import APIError
@@ -71,7 +72,7 @@ class ServedModel:
             raise ValueError(f"Unknown model {mode!r}; choose one of {', '.join(MODES)}")
         if small is not None:
             small.eval()
-        end_ids = {tokenizer.eos_token_id, *end_token_ids(*models), *getattr(large, "end_token_ids", ())}
+        end_ids = stop_token_ids(tokenizer, (*end_token_ids(*models), *getattr(large, "end_token_ids", ())))
         return cls(name or f"fedpt-{mode}", tokenizer, new_step, frozenset(end_ids), _context_length(models))
 
 

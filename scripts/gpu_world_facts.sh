@@ -16,7 +16,7 @@ fedpt-app fetch-models qwen2.5-coder-gguf
 fedpt-app compare --algorithms fedavg,fedavg-pt,fedpt,fedavg-large --seeds "${SEEDS:-0,1}" \
   --client-gpus "${CLIENT_GPUS:-0.25}" --output "$OUTPUT" \
   --run-config "preset='qwen2.5-coder-gguf' dataset='world-facts' partitioner='iid' large-model-quantization='4bit' \
-num-server-rounds=3 local-steps=10 batch-size=8 lr=0.001 max-length=48 max-new-tokens=12 kd-steps=8 kd-batch-size=8 \
+num-server-rounds=3 local-steps=8 batch-size=4 lr=0.001 max-length=48 max-new-tokens=12 kd-steps=8 kd-batch-size=8 \
 kd-samples=64 eval-batch-size=72"
 python - "$OUTPUT" <<'EOF'
 import json, pathlib, sys

@@ -36,8 +36,9 @@ data, training = config.data, config.training
 spec = PartitionSpec(data.dataset, data.partitioner, partitions, PARTITION_COLUMN, data.dirichlet_alpha,
                      data.classes_per_partition, data.test_fraction, config.seed)
 tokenizer = load_tokenizer(ref)
-examples = tokenize_rows(tokenizer, load_partition(spec, 0, training_rows),
-                         training.max_length)[:steps * training.batch_size]
+examples, _ = tokenize_rows(tokenizer, load_partition(spec, 0, training_rows), training.max_length,
+                            training.max_length)  # prompts are cut only where one alone fills max-length
+examples = examples[:steps * training.batch_size]
 model = lora_model(ref, LoraSpec.from_settings(config.lora), quantization, config.seed)
 began = time.perf_counter()
 result = train_lora(model, examples, batches, epochs=1, lr=training.lr, batch_size=training.batch_size,
@@ -56,8 +57,9 @@ def measure(run_config: str, role: str, partitions: int, steps: int) -> dict:
         [sys.executable, "-c", CLIENT, run_config, role, str(partitions), str(steps)],
         capture_output=True,
         text=True,
-        check=True,
     )
+    if done.returncode != 0:
+        raise SystemExit(f"The {role} client failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -1,11 +1,13 @@
 """Proxy quality against the proxy strength (the FedPT paper's Figure 4): a finished run's final adapter, the
-proxy-tuned large model decoded on the test split for each `proxy-alpha`.
+proxy-tuned large model decoded on the test split (or the server split) for each `proxy-alpha`.
 
     python bench/alpha_sweep.py --run ~/fedpt-app-runs/compare-world-facts/fedpt/seed-0 --alphas 0,0.5,1,1.5,2
+        [--split test|server]
 
 alpha 0 is the untuned large model itself. The run's own evaluation settings are used (test rows, generation length,
 prompt cut, the large model's quantization); the table is printed and, with `--plot`, drawn. The run's alpha was
 not chosen from this sweep: read it as a sensitivity curve, not as a tuned setting (it is measured on the test split).
+To choose an alpha, sweep `--split server` (the server's own rows, never the test split).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a finished FedPT or FedAvg+PT run's output-dir")
     parser.add_argument("--alphas", default="0,0.5,1,1.5,2")
+    parser.add_argument("--split", choices=("test", "server"), default="test", help="the rows to score")
     parser.add_argument("--plot", default="", help="write the curve to this PNG file")
     args = parser.parse_args()
     run = Path(args.run).expanduser()
@@ -62,17 +65,22 @@ def main() -> int:
     large = load_logits_provider(
         instruct.small_model, instruct.large_model, instruct.large_model_quantization, tokenizer
     )
-    rows = load_test_rows(
-        data.dataset, data.test_dataset, data.test_fraction, config.seed, config.evaluation.eval_samples
-    )
     server = load_splits(data.dataset, data.test_fraction, config.seed)["server"]
+    rows = server
+    if args.split == "test":
+        rows = load_test_rows(
+            data.dataset, data.test_dataset, data.test_fraction, config.seed, config.evaluation.eval_samples
+        )
     length = instruct.max_new_tokens or covering_length(tokenizer, server)
     budget = config.training.max_length - length
     prompts = [fit_prompt(tokenizer, row["instruction"], row["context"], budget)[0] for row in rows]
     references = [row["response"] for row in rows]
     decoding = DecodingConfig(max_new_tokens=length, end_token_ids=tuple({*end_token_ids(small), *large.end_token_ids}))
     alphas = [float(value) for value in args.alphas.split(",")]
-    print(f"run {run} ({config.algorithm}, seed {config.seed}, its alpha {instruct.proxy_alpha}); {len(rows)} rows")
+    print(
+        f"run {run} ({config.algorithm}, seed {config.seed}, its alpha {instruct.proxy_alpha}); "
+        f"{len(rows)} {args.split} rows"
+    )
     print(f"{'alpha':>6}{'Rouge-L':>9}{'exact':>8}{'contains':>10}")
     scores: dict[str, list[float]] = {"Rouge-L": [], "exact match": [], "contains": []}
     for alpha in alphas:

@@ -2,11 +2,13 @@
 merged small forward verify them, vs plain proxy decoding (one large forward per token).
 
     python bench/speculative_decoding.py [--run-config "..."] [--adapter RUN/adapter | --tune-steps N]
-        [--new-tokens 128] [--batch-sizes 1,8] [--draft-tokens 4]
+        [--new-tokens 128] [--batch-sizes 1,8] [--draft-tokens 4] [--drafter float32,bfloat16]
 
 Both decode the same prompts for exactly --new-tokens tokens (EOS ignored, no stop strings), greedy, in interleaved
-repeats; the speed-up is the median of the per-repeat ratios. A random adapter drafts poorly (the proxy rarely agrees
-with it): pass a finished run's trained adapter for a realistic acceptance rate.
+repeats; the speed-up is the median of the per-repeat ratios. --drafter lists the drafters to measure side by side:
+`float32` is the tuned small itself, `bfloat16` a merged bfloat16 copy of it (`bfloat16_drafter`); the proxy that
+verifies the drafts is the same float32 computation in every variant. A random adapter drafts poorly (the proxy
+rarely agrees with it): pass a finished run's trained adapter for a realistic acceptance rate.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from fedpt_app.instruct.data import load_splits, load_test_rows
 from fedpt_app.instruct.decoding import DecodingConfig, decode
 from fedpt_app.instruct.prompts import batches, build_prompt, tokenize_rows
 from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step, shared_vocab_size
-from fedpt_app.instruct.speculative import SpeculativeStats, speculative_decode
+from fedpt_app.instruct.speculative import SpeculativeStats, bfloat16_drafter, speculative_decode
 from fedpt_app.models.loading import load_causal_lm, load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
 from fedpt_app.tools.simulation import validate_overrides
@@ -70,6 +72,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--draft-tokens", type=int, default=4)
+    parser.add_argument("--drafter", default="float32", help="comma-separated: float32 (the tuned small), bfloat16")
     parser.add_argument("--repeats", type=int, default=3, help="median over this many interleaved runs")
     args = parser.parse_args()
     config = validate_overrides(args.run_config)
@@ -89,32 +92,42 @@ def main() -> int:
         f"{args.new_tokens} new tokens, greedy, {args.draft_tokens} draft tokens, "
         f"{torch.get_num_threads()} threads, device {next(small.parameters()).device}"
     )
+    builders = {"float32": lambda: None, "bfloat16": lambda: bfloat16_drafter(small)}
+    if not set(args.drafter.split(",")) <= set(builders):
+        raise SystemExit(f"--drafter {args.drafter!r}: choose among {', '.join(builders)}")
+    drafters = {name: builders[name]() for name in args.drafter.split(",")}
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         prompts = [build_prompt(row["instruction"], row.get("context", "")) for row in rows[:batch_size]]
         warm_up = DecodingConfig(max_new_tokens=4)
         decode(proxy_step(large, small, alpha), tokenizer, prompts, warm_up)
-        speculative_decode(large, small, tokenizer, prompts, warm_up, alpha=alpha, draft_tokens=args.draft_tokens)
-        plain_rates, fast_rates, stats, identical = [], [], SpeculativeStats(), True
-        for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
+        options = {"alpha": alpha, "draft_tokens": args.draft_tokens}
+        for drafter in drafters.values():
+            speculative_decode(large, small, tokenizer, prompts, warm_up, drafter=drafter, **options)
+        plain_rates, fast_rates = [], {name: [] for name in drafters}
+        stats = {name: SpeculativeStats() for name in drafters}
+        identical = dict.fromkeys(drafters, True)
+        for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
             began = time.perf_counter()
             plain = decode(proxy_step(large, small, alpha), tokenizer, prompts, decoding)
             plain_rates.append(batch_size * args.new_tokens / (time.perf_counter() - began))
-            began = time.perf_counter()
-            fast, run_stats = speculative_decode(
-                large, small, tokenizer, prompts, decoding, alpha=alpha, draft_tokens=args.draft_tokens
+            for name, drafter in drafters.items():
+                began = time.perf_counter()
+                fast, run_stats = speculative_decode(
+                    large, small, tokenizer, prompts, decoding, drafter=drafter, **options
+                )
+                fast_rates[name].append(batch_size * args.new_tokens / (time.perf_counter() - began))
+                stats[name].add(run_stats)
+                identical[name] &= fast == plain
+        print(f"\nbatch {batch_size}: {'variant':<30}{'tokens/s':>10}")
+        print(f"{'':9}{'plain proxy':<30}{statistics.median(plain_rates):>10.1f}")
+        for name in drafters:
+            speed_up = statistics.median(spec / base for spec, base in zip(fast_rates[name], plain_rates, strict=True))
+            print(f"{'':9}{f'speculative, {name} drafter':<30}{statistics.median(fast_rates[name]):>10.1f}")
+            print(
+                f"{'':11}speed-up {speed_up:.2f}x, acceptance {stats[name].acceptance_rate:.0%}, "
+                f"{args.repeats * args.new_tokens / stats[name].target_forwards:.2f} tokens per large forward, "
+                f"greedy outputs identical: {'yes' if identical[name] else 'NO'}"
             )
-            fast_rates.append(batch_size * args.new_tokens / (time.perf_counter() - began))
-            stats.add(run_stats)
-            identical &= fast == plain
-        speed_up = statistics.median(spec / base for spec, base in zip(fast_rates, plain_rates, strict=True))
-        print(f"\nbatch {batch_size}: {'variant':<22}{'tokens/s':>10}")
-        print(f"{'':9}{'plain proxy':<22}{statistics.median(plain_rates):>10.1f}")
-        print(f"{'':9}{'speculative proxy':<22}{statistics.median(fast_rates):>10.1f}")
-        print(
-            f"{'':9}speed-up {speed_up:.2f}x, acceptance {stats.acceptance_rate:.0%}, "
-            f"{args.repeats * args.new_tokens / stats.target_forwards:.2f} tokens per large forward, "
-            f"greedy outputs identical: {'yes' if identical else 'NO'}"
-        )
     return 0
 
 

@@ -14,6 +14,7 @@ from fedpt_app.instruct.decoding import DecodingConfig, crop_cache, decode, posi
 from fedpt_app.instruct.distill import TeacherCache, response_positions
 from fedpt_app.instruct.prompts import collate, tokenize_rows
 from fedpt_app.instruct.proxy import VocabularyMismatchError, proxy_step
+from fedpt_app.instruct.speculative import speculative_decode
 from fedpt_app.models.loading import load_tokenizer
 from fedpt_app.serving.background import serve_in_background, service_process
 from fedpt_app.serving.logits_service import LogitsEngine, ServiceLimits, create_app
@@ -154,6 +155,18 @@ def test_proxy_decoding_through_the_service_equals_the_local_run(remote, large, 
     config = DecodingConfig(max_new_tokens=12)
     local = decode(proxy_step(large, tuned_small, 1.0), tiny_tokenizer, PROMPTS, config)
     assert decode(proxy_step(remote, tuned_small, 1.0), tiny_tokenizer, PROMPTS, config) == local
+
+
+def test_speculative_decoding_through_the_service_equals_plain_local_decoding(
+    remote, large, tuned_small, tiny_tokenizer
+):
+    """The service's session is extended by several drafts at once and rolled back (`past`) while this process
+    runs the small model (`submit`): the answers still equal plain proxy decoding on the local model."""
+    config = DecodingConfig(max_new_tokens=12)
+    local = decode(proxy_step(large, tuned_small, 1.0), tiny_tokenizer, PROMPTS, config)
+    remote_answers, stats = speculative_decode(remote, tuned_small, tiny_tokenizer, PROMPTS[:1], config, draft_tokens=3)
+    assert remote_answers == local[:1]
+    assert stats.target_forwards < 12
 
 
 def test_a_service_with_another_tokenizer_is_refused(service, tmp_path):

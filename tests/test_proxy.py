@@ -164,9 +164,10 @@ def test_generate_command_answers_with_a_saved_adapter(tuned_small, tiny_model_d
     assert done.returncode == 0, done.stderr[-2000:]
     answers = [json.loads(line) for line in done.stdout.splitlines()]
     assert [a["instruction"] for a in answers] == ["Name a color.", "Is 4 even?"]
-    speculative = subprocess.run(command + ["--draft-tokens", "3"], capture_output=True, text=True, timeout=300)
-    assert speculative.returncode == 0, speculative.stderr[-2000:]
-    assert [json.loads(line) for line in speculative.stdout.splitlines()] == answers  # greedy: the same answers
+    for drafting in (["--draft-tokens", "3"], ["--draft-tokens", "3", "--draft-dtype", "bfloat16"]):
+        speculative = subprocess.run(command + drafting, capture_output=True, text=True, timeout=300)
+        assert speculative.returncode == 0, speculative.stderr[-2000:]
+        assert [json.loads(line) for line in speculative.stdout.splitlines()] == answers  # greedy: the same answers
     missing = subprocess.run(
         command[:9] + [str(tmp_path / "nowhere"), "hello"], capture_output=True, text=True, timeout=300
     )

@@ -18,7 +18,7 @@ from fedpt_app.instruct.decoding import (
     sampling_probs,
 )
 from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step
-from fedpt_app.instruct.speculative import speculative_decode, speculative_generate
+from fedpt_app.instruct.speculative import bfloat16_drafter, speculative_decode, speculative_generate
 from fedpt_app.models.loading import load_tokenizer
 
 PROMPTS = [
@@ -109,6 +109,20 @@ def test_greedy_speculative_decoding_equals_plain_proxy_decoding(
         fast, stats = speculative_decode(large, tuned_small, tokenizer, prompts, config, draft_tokens=draft_tokens)
         assert fast == plain, (config, prompts)
         assert stats.target_forwards <= config.max_new_tokens
+
+
+def test_a_bfloat16_drafter_changes_the_speed_never_the_answers(large, tuned_small, tokenizer, greedy_cases):
+    drafter = bfloat16_drafter(tuned_small)
+    assert next(drafter.parameters()).dtype == torch.bfloat16
+    assert next(tuned_small.parameters()).dtype == torch.float32  # the verifying small is left as it was
+    accepted = 0
+    for config, prompts, plain in greedy_cases:
+        fast, stats = speculative_decode(
+            large, tuned_small, tokenizer, prompts, config, draft_tokens=3, drafter=drafter
+        )
+        assert fast == plain, (config, prompts)
+        accepted += stats.accepted
+    assert accepted > 0  # its drafts are used, not only corrected
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 3, 5])

@@ -4,7 +4,7 @@ tuned-minus-untuned offset, `z = zL + alpha * (zs_tuned - zs_base)` over the sha
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -220,18 +220,28 @@ def adapter_on_first_rows(model: PeftModel, rows: int, total: int) -> Iterator[N
             handle.remove()
 
 
+def requested_logits(large: LogitsProvider, *args, **kwargs) -> Callable[[], tuple[torch.Tensor, Any]]:
+    """`large.logits(*args, **kwargs)` started now; the returned function waits for its answer. A provider that
+    computes elsewhere (`submit`: a remote service) works while this process runs the small model; a local one
+    computes here and now."""
+    submit = getattr(large, "submit", None)
+    if submit is not None:
+        return submit(*args, **kwargs).result
+    answer = large.logits(*args, **kwargs)
+    return lambda: answer
+
+
 def proxy_step(large: LogitsProvider, small: PeftModel, alpha: float) -> StepFn:
     """Proxy-tuned next-token logits, with a KV cache for the large model and one for the merged small forward."""
     refuse_embedding_lora(small)
     caches: dict[str, Any] = {"large": None, "small": None}
 
     def step(input_ids, attention_mask, position_ids):
-        large_logits, caches["large"] = large.logits(
-            input_ids, attention_mask, position_ids, caches["large"], True, last=1
-        )
+        large_answer = requested_logits(large, input_ids, attention_mask, position_ids, caches["large"], True, last=1)
         offset, caches["small"] = small_offset(
             small, large.vocab_size, input_ids, attention_mask, position_ids, caches["small"], True, last=1
         )
+        large_logits, caches["large"] = large_answer()
         return proxy_logits(large_logits[:, -1], offset[:, -1].to(large_logits.device), 0.0, alpha)
 
     return step

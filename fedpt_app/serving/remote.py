@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import os
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -91,6 +92,7 @@ class RemoteLogitsProvider:
         self.model_name = info["model"]
         self.vocab_size = info["vocab_size"]
         self.end_token_ids = tuple(info["end_token_ids"])
+        self._requests = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedpt-logits")
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         try:
@@ -129,6 +131,11 @@ class RemoteLogitsProvider:
         )
         cache.length = answer["length"]
         return self._rows(answer, input_ids.shape[0]), cache
+
+    def submit(self, *args, **kwargs) -> Future:
+        """`logits` in a worker thread (one request at a time, in order): the caller runs the small model meanwhile
+        (`proxy.requested_logits`)."""
+        return self._requests.submit(self.logits, *args, **kwargs)
 
     def logits_at(self, input_ids, attention_mask, position_ids, mask, top_k=0):
         """Teacher forcing; with `top_k` only each row's k largest log-probabilities and its tail mass cross the wire

@@ -207,7 +207,7 @@ def speculative_decode(
     while steps < config.max_new_tokens and not finished.all():
         count = min(draft_tokens, config.max_new_tokens - steps - 1)  # the round adds up to count + 1 tokens
         long_ids, long_mask, draft_logits = _draft(
-            drafter or small, large.vocab_size, draft_cache, ids, mask, count, config, generator
+            small if drafter is None else drafter, large.vocab_size, draft_cache, ids, mask, count, config, generator
         )
         proxy = _verify(large, small, alpha, target_caches, long_ids, long_mask, count + 1)
         drafts = long_ids[:, ids.shape[1] :]

@@ -39,6 +39,8 @@ class LogitsProvider(Protocol):
     the positions `mask` [B, T] selects, in row-major order (`top_k`: the caller keeps only each row's k largest,
     so a remote provider sends only those). Logits may come shifted by a constant per position (log-probabilities,
     as a remote service sends them): the proxy's softmax, argmax and KD targets ignore it.
+    A provider that computes elsewhere may also offer `submit(...)`, `logits` returning a future, so the caller
+    runs the small model meanwhile (`requested_logits`).
     `LocalLogitsProvider` loads the weights; `fedpt_app.serving.remote` queries a service; `fedpt_app.serving.
     providers.load_logits_provider` picks one from a `large-model` reference.
     """

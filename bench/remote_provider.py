@@ -2,17 +2,19 @@
 decoding tokens/s, the teacher cache's build time, and the bytes on the wire, measured side by side in one run.
 
     python bench/remote_provider.py [--run DIR] [--new-tokens 32] [--batch-sizes 1,8] [--repeats 3] [--top-k 20]
-                                    [--threads 1] [--cache-examples N]
+                                    [--threads 1] [--cache-examples N] [--transports http,websocket]
 
 --run takes a finished FedPT run's small model, large model and adapter (default: the preset's models with a
 random adapter). --threads: torch threads of this process and of the service each (default 1, as if each had
-cores of its own: on a 2-core machine two processes of 2 spinning threads starve each other). Targets: remote
-decoding >= 0.8 x local at batch 1 and 8.
+cores of its own: on a 2-core machine two processes of 2 spinning threads starve each other). --transports: how
+the remote provider's session calls travel, each measured beside the local provider (HTTP requests, or messages on
+the service's /v1/stream WebSocket, the default). Targets: remote decoding >= 0.8 x local at batch 1 and 8.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,7 +34,7 @@ from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step, shared_voc
 from fedpt_app.models.loading import load_causal_lm, load_tokenizer
 from fedpt_app.models.lora import LoraSpec, adapter_state, load_adapter_state, lora_model
 from fedpt_app.serving.background import service_process
-from fedpt_app.serving.remote import RemoteLogitsProvider
+from fedpt_app.serving.remote import RemoteLogitsProvider, RemoteModelError
 from fedpt_app.tools.simulation import validate_overrides
 
 PORT = 18765
@@ -62,33 +64,43 @@ def round_trip_ms(url: str, count: int = 200) -> float:
     return (time.perf_counter() - began) / count * 1000
 
 
-def wire_bytes(provider: RemoteLogitsProvider) -> int:
-    return provider.bytes_sent + provider.bytes_received
+def refused_call_ms(remote: RemoteLogitsProvider, count: int = 200) -> float:
+    """A session call the service refuses (an unknown session: no forward), so only the transport is timed."""
+    began = time.perf_counter()
+    for _ in range(count):
+        with contextlib.suppress(RemoteModelError):
+            remote._session_call("extend", "no-such-session", {"input_ids": [[0]]})
+    return (time.perf_counter() - began) / count * 1000
 
 
-def bench_decoding(args, small, tokenizer, local, remote, prompts_pool) -> None:
+def wire_bytes(provider) -> int:
+    return getattr(provider, "bytes_sent", 0) + getattr(provider, "bytes_received", 0)
+
+
+def bench_decoding(args, small, tokenizer, local, remotes, prompts_pool) -> None:
     decoding = DecodingConfig(max_new_tokens=args.new_tokens, stop_strings=(), ignore_eos=True)
     print(f"\ndecoding ({args.new_tokens} new tokens, greedy, EOS ignored; median of {args.repeats} interleaved runs)")
-    print(
-        f"{'batch':>6}{'local tok/s':>13}{'remote tok/s':>14}{'remote/local':>14}{'bytes/token':>13}{'same output':>13}"
-    )
+    print(f"{'batch':>6}{'provider':>20}{'tok/s':>9}{'x local':>9}{'bytes/token':>13}{'same output':>13}")
+    providers = {"local": local} | {f"remote ({name})": remote for name, remote in remotes.items()}
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         prompts = prompts_pool[:batch_size]
-        decode(proxy_step(remote, small, 1.0), tokenizer, prompts, DecodingConfig(max_new_tokens=2))  # warm-up
-        rates: dict[str, list[float]] = {"local": [], "remote": []}
-        outputs, sent = {}, 0
+        for remote in remotes.values():  # warm-up
+            decode(proxy_step(remote, small, 1.0), tokenizer, prompts, DecodingConfig(max_new_tokens=2))
+        rates: dict[str, list[float]] = {name: [] for name in providers}
+        outputs, sent = {}, {}
         for _ in range(args.repeats):
-            for name, provider in (("local", local), ("remote", remote)):
-                before = wire_bytes(remote)
+            for name, provider in providers.items():
+                before = wire_bytes(provider)
                 began = time.perf_counter()
                 outputs[name] = decode(proxy_step(provider, small, 1.0), tokenizer, prompts, decoding)
                 rates[name].append(batch_size * args.new_tokens / (time.perf_counter() - began))
-                sent = wire_bytes(remote) - before if name == "remote" else sent
-        local_rate, remote_rate = statistics.median(rates["local"]), statistics.median(rates["remote"])
-        print(
-            f"{batch_size:>6}{local_rate:>13.1f}{remote_rate:>14.1f}{remote_rate / local_rate:>14.2f}"
-            f"{sent / (batch_size * args.new_tokens):>13,.0f}{str(outputs['local'] == outputs['remote']):>13}"
-        )
+                sent[name] = wire_bytes(provider) - before
+        for name in providers:
+            rate = statistics.median(rates[name])
+            print(
+                f"{batch_size:>6}{name:>20}{rate:>9.1f}{rate / statistics.median(rates['local']):>9.2f}"
+                f"{sent[name] / (batch_size * args.new_tokens):>13,.0f}{str(outputs[name] == outputs['local']):>13}"
+            )
 
 
 def bench_teacher_cache(args, config, small, tokenizer, local, remote) -> None:
@@ -124,10 +136,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--transports", default="http,websocket", help="how the remote provider's sessions travel")
     parser.add_argument(
         "--cache-examples", type=int, default=0, help="server-split rows for the teacher cache (0: all)"
     )
     args = parser.parse_args()
+    transports = args.transports.split(",")
     torch.set_num_threads(args.threads)
     config = validate_overrides(args.run_config)
     small, small_ref, large_ref = tuned_small(args, config)
@@ -141,7 +155,7 @@ def main() -> int:
         command += ["--token-file", str(Path(folder) / "token")]
         environment = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
         with service_process(command, f"http://127.0.0.1:{PORT}", ready_path="/healthz", env=environment) as url:
-            remote = RemoteLogitsProvider(url, tokenizer, token=token)
+            remotes = {name: RemoteLogitsProvider(url, tokenizer, token=token, transport=name) for name in transports}
             print(
                 f"pair {small_ref} / {large_ref} (vocabulary {local.vocab_size}), {args.threads} torch thread(s) "
                 "here and in the service"
@@ -149,8 +163,10 @@ def main() -> int:
             rows = load_test_rows(config.data.dataset, config.data.test_dataset, config.data.test_fraction, config.seed)
             prompts = [build_prompt(row["instruction"], row.get("context", "")) for row in rows]
             print(f"an empty request (GET /healthz) takes {round_trip_ms(url):.2f} ms on loopback")
-            bench_decoding(args, small, tokenizer, local, remote, prompts)
-            bench_teacher_cache(args, config, small, tokenizer, local, remote)
+            for name, remote in remotes.items():
+                print(f"a refused session call (no forward) over {name}: {refused_call_ms(remote):.2f} ms")
+            bench_decoding(args, small, tokenizer, local, remotes, prompts)
+            bench_teacher_cache(args, config, small, tokenizer, local, next(iter(remotes.values())))
     return 0
 
 

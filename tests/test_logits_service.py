@@ -1,13 +1,17 @@
 """The large model behind `serve-logits`: the wire format, the service's answers against the local provider, its
 refusals of bad requests, and the top-k teacher."""
 
+import json
 import math
 import socket
 import subprocess
+import time
 
 import httpx
 import pytest
 import torch
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from fedpt_app.config import ConfigError
 from fedpt_app.instruct.decoding import DecodingConfig, crop_cache, decode, positions_of
@@ -60,7 +64,9 @@ def service(tiny_large_dir, large):
 
 @pytest.fixture
 def remote(service, tiny_model_dir):
-    return RemoteLogitsProvider(service[0], load_tokenizer(str(tiny_model_dir)), token=TOKEN)
+    provider = RemoteLogitsProvider(service[0], load_tokenizer(str(tiny_model_dir)), token=TOKEN)
+    yield provider
+    provider.close()
 
 
 def encoded(tokenizer, prompts):
@@ -98,6 +104,8 @@ def test_remote_references_need_https_off_loopback_and_a_token(monkeypatch):
     monkeypatch.delenv("FEDPT_LOGITS_TOKEN", raising=False)
     with pytest.raises(RemoteModelError, match="set FEDPT_LOGITS_TOKEN"):
         token_from_environment("https://logits.example.org")
+    with pytest.raises(ValueError, match="choose one of auto, http, websocket"):
+        RemoteLogitsProvider("http://127.0.0.1:9", None, token="t", transport="udp")
 
 
 def test_openai_references_carry_the_model_top_k_and_tail_in_the_fragment():
@@ -132,7 +140,10 @@ def test_stateless_and_teacher_forcing_answers_equal_the_local_provider(remote, 
     assert torch.equal(remote.logits_at(ids, mask, positions, select), large.logits_at(ids, mask, positions, select))
 
 
-def test_a_session_keeps_the_kv_cache_and_rolls_back_like_the_local_cache(remote, large, tiny_tokenizer, service):
+@pytest.mark.parametrize("transport", ["websocket", "http"])
+def test_a_session_keeps_the_kv_cache_and_rolls_back_like_the_local_cache(transport, large, tiny_tokenizer, service):
+    remote = RemoteLogitsProvider(service[0], tiny_tokenizer, token=TOKEN, transport=transport)
+    assert remote.transport == transport
     ids, mask = encoded(tiny_tokenizer, PROMPTS[:2])
     steps = torch.tensor([[5, 6], [7, 8], [9, 10]])  # three steps of one new token per row
     results = {}
@@ -149,6 +160,17 @@ def test_a_session_keeps_the_kv_cache_and_rolls_back_like_the_local_cache(remote
     assert torch.equal(results["remote"][0], results["local"][0])
     assert torch.allclose(results["remote"][1], results["local"][1], atol=1e-5)
     assert torch.allclose(results["remote"][1], results["remote"][0][:, 2:], atol=1e-5)
+    remote.close()  # the service drops the sessions of a closed stream
+    assert wait_for(lambda: not service[1].sessions)
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_proxy_decoding_through_the_service_equals_the_local_run(remote, large, tuned_small, tiny_tokenizer):
@@ -261,6 +283,44 @@ def test_auth_body_size_sessions_and_their_limits(service, tiny_tokenizer):
             == 200
         )
     assert engine.sessions == {}
+
+
+def test_the_session_stream_answers_bad_messages_in_line_and_keeps_the_connection(service, tiny_tokenizer):
+    """`/v1/stream`: an error is an answer on the connection, which stays usable; sessions are the HTTP calls'."""
+    url, engine = service
+    stream_url = "ws" + url.removeprefix("http") + "/v1/stream"
+    with pytest.raises(InvalidStatus, match="403"):
+        connect(stream_url, additional_headers={"Authorization": "Bearer wrong"}).close()
+    with connect(stream_url, additional_headers={"Authorization": f"Bearer {TOKEN}"}) as stream:
+
+        def call(message) -> dict:
+            stream.send(message if isinstance(message, str) else json.dumps(message))
+            return json.loads(stream.recv(timeout=30))
+
+        opened = call({"op": "open", "request": {"input_ids": [[1, 2]]}})
+        session = opened["session"]
+        refusals = [
+            ("{not json", 400, "malformed request"),
+            ({"op": "fork", "session": session}, 400, "op"),
+            ({"op": "extend", "request": {"input_ids": [[3]]}}, 400, "needs the session's id"),
+            ({"op": "extend", "session": "nope", "request": {"input_ids": [[3]]}}, 404, "no session 'nope'"),
+            ({"op": "extend", "session": session, "request": {"input_ids": [[99999]]}}, 400, "token ids must be in"),
+            ({"op": "extend", "session": session, "request": {"input_ids": [[3]], "past": 5}}, 400, "past must be"),
+            ({"op": "open", "request": {"input_ids": [[1]], "colour": "red"}}, 400, "colour"),
+            ({"op": "open", "request": {"input_ids": [[1]] * 5}}, 413, "the limit is 4"),
+            (" " * 300_000, 413, "request body over"),
+        ]
+        for message, status, text in refusals:
+            answer = call(message)
+            assert answer["error"]["status"] == status and text in answer["error"]["message"], (message, answer)
+        extended = call({"op": "extend", "session": session, "request": {"input_ids": [[3]]}})
+        fresh = post(url, "/v1/logprobs", {"input_ids": [[1, 2, 3]]}).json()
+        assert extended["length"] == 3  # the refusals left the session as it was
+        assert torch.allclose(decode_logprobs(extended["logprobs"]), decode_logprobs(fresh["logprobs"]), atol=1e-5)
+        assert call({"op": "close", "session": session}) == {"closed": session}
+        assert call({"op": "open", "request": {"input_ids": [[1, 2]]}})["length"] == 2
+        assert len(engine.sessions) == 1
+    assert wait_for(lambda: not engine.sessions)  # closing the connection closed its session
 
 
 # ---- the top-k teacher ----------------------------------------------------------------------------------------

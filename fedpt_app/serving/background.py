@@ -15,13 +15,16 @@ from fastapi import FastAPI
 
 from fedpt_app.serving.remote import RemoteModelError
 
+WEBSOCKETS = "websockets-sansio"  # uvicorn's WebSocket server on websockets' current API (its "websockets" is legacy)
+
 
 @contextmanager
 def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve `app` while the block runs (port 0: a free one); yields its base URL ("http://host:port")."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", ws=WEBSOCKETS)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="fedpt-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -5,7 +5,9 @@ Protocol `fedpt-logits/1` (docs/serving.md), JSON over HTTP(S), every call but `
 - `POST /v1/logprobs`: a batch of token-id sequences, stateless; the log-probabilities of the last `last`
   positions, or of the positions `select` marks (teacher forcing: the distillation cache);
 - `POST /v1/sessions`, `POST /v1/sessions/{id}/extend`, `DELETE /v1/sessions/{id}`: incremental decoding with
-  the KV cache kept here; `extend` may first roll the cache back to `past` positions (speculative decoding).
+  the KV cache kept here; `extend` may first roll the cache back to `past` positions (speculative decoding);
+- `WS /v1/stream`: the same three session calls as messages over one WebSocket, answered in order (no HTTP
+  request per decoded token); the sessions a connection opened close with it.
 A bad request is refused with a 4xx and a message before it touches any state; a forward that fails drops only
 its own session. Forwards run one at a time in a worker thread, so the event loop keeps answering.
 """
@@ -13,21 +15,28 @@ its own session. Forwards run one at a time in a worker thread, so the event loo
 from __future__ import annotations
 
 import asyncio
-import secrets
+import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from fedpt_app.instruct.decoding import crop_cache, positions_of
 from fedpt_app.instruct.proxy import LocalLogitsProvider, shared_vocab_size
+from fedpt_app.serving.logits_requests import (
+    ExtendRequest,
+    Gate,
+    LogprobsRequest,
+    RequestError,
+    SessionRequest,
+    error_body,
+)
 from fedpt_app.serving.wire import PROTOCOL, encode_logprobs, vocabulary_sha256
 
 
@@ -39,37 +48,6 @@ class ServiceLimits:
     max_sessions: int = 64
     session_ttl_s: float = 600.0  # an idle session is dropped after this long
     max_body_bytes: int = 16 * 2**20
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class LogprobsRequest(_Strict):
-    input_ids: list[list[int]]
-    attention_mask: list[list[int]] | None = None  # default: all ones (no padding)
-    last: int = 1  # log-probs of the last `last` positions of each row (0: all)
-    select: list[list[int]] | None = None  # or: of the positions marked 1 (row-major), instead of `last`
-    top_k: int = 0  # 0: the full vocabulary
-    dtype: Literal["float32", "float16"] = "float32"
-
-
-class SessionRequest(_Strict):
-    input_ids: list[list[int]]
-    attention_mask: list[list[int]] | None = None
-    last: int = 1
-    top_k: int = 0
-    dtype: Literal["float32", "float16"] = "float32"
-
-
-class ExtendRequest(SessionRequest):
-    past: int | None = None  # keep this many cached positions first (default: all); the mask covers the new ones
 
 
 @dataclass
@@ -96,6 +74,7 @@ class LogitsEngine:
             "vocabulary_sha256": vocabulary_sha256(tokenizer),
             "end_token_ids": list(provider.end_token_ids),
             "limits": asdict(limits),
+            "transports": ["http", "websocket"],  # websocket: the session calls over /v1/stream
         }
         self.sessions: dict[str, Session] = {}
 
@@ -212,33 +191,10 @@ class LogitsEngine:
         del self.sessions[session_id]
         return {"closed": session_id}
 
-
-class Gate:
-    """What every call passes first: the bearer token, the body size, the body's schema."""
-
-    def __init__(self, token: str, max_body_bytes: int) -> None:
-        if not token:
-            raise ValueError("the service needs a non-empty bearer token")
-        self.token, self.max_body_bytes = token.encode(), max_body_bytes
-
-    def authorize(self, request: Request) -> None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), self.token):
-            raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
-
-    async def parsed(self, request: Request, model: type[BaseModel]) -> Any:
-        self.authorize(request)
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:  # refused before reading it
-            raise RequestError(413, f"request body over {self.max_body_bytes} bytes")
-        body = await request.body()
-        if len(body) > self.max_body_bytes:
-            raise RequestError(413, f"request body over {self.max_body_bytes} bytes")
-        try:
-            return model.model_validate_json(body)
-        except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:5])
-            raise RequestError(400, f"malformed request: {problems}") from None
+    def drop(self, session_ids: set[str]) -> None:
+        """Forget these sessions, whichever of them are still open (a closed stream's)."""
+        for session_id in session_ids:
+            self.sessions.pop(session_id, None)
 
 
 def create_app(engine: LogitsEngine, token: str) -> FastAPI:
@@ -247,13 +203,16 @@ def create_app(engine: LogitsEngine, token: str) -> FastAPI:
     app = FastAPI(title="fedpt-app logits service", version=PROTOCOL)
     forward_lock = asyncio.Lock()
 
-    async def run(work, *args) -> JSONResponse:
+    async def locked(work, *args) -> dict:
         async with forward_lock:  # one forward at a time: the model's threads are the machine's
-            return JSONResponse(await run_in_threadpool(work, *args))
+            return await run_in_threadpool(work, *args)
+
+    async def run(work, *args) -> JSONResponse:
+        return JSONResponse(await locked(work, *args))
 
     @app.exception_handler(RequestError)
     async def request_error(_request: Request, error: RequestError) -> JSONResponse:
-        return JSONResponse({"error": {"message": error.message, "status": error.status}}, status_code=error.status)
+        return JSONResponse(error_body(error), status_code=error.status)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -282,7 +241,46 @@ def create_app(engine: LogitsEngine, token: str) -> FastAPI:
         async with forward_lock:
             return engine.close(session_id)
 
+    add_session_stream(app, engine, gate, locked)
     return app
+
+
+def add_session_stream(app: FastAPI, engine: LogitsEngine, gate: Gate, locked) -> None:
+    """`WS /v1/stream`: the session calls as messages on one connection, answered in order; a refused message is
+    answered with its error and the connection stays open; the sessions a connection opened close with it."""
+
+    async def stream_answer(data: bytes | str, opened: set[str]) -> dict:
+        try:
+            op, session_id, body = gate.stream_call(data)
+            if op == "open":
+                answer = await locked(engine.open_session, body)
+                opened.add(answer["session"])
+            elif op == "extend":
+                answer = await locked(engine.extend, session_id, body)
+            else:
+                answer = await locked(engine.close, session_id)
+                opened.discard(session_id)
+            return answer
+        except RequestError as error:  # answered on the connection, which stays open
+            return error_body(error)
+
+    @app.websocket("/v1/stream")
+    async def stream(websocket: WebSocket) -> None:
+        try:
+            gate.authorize(websocket)
+        except RequestError as error:
+            await websocket.close(code=1008, reason=error.message)
+            return
+        await websocket.accept()
+        opened: set[str] = set()
+        try:
+            while (message := await websocket.receive())["type"] != "websocket.disconnect":
+                answer = await stream_answer(message.get("bytes") or message.get("text") or "", opened)
+                await websocket.send_text(json.dumps(answer))
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await locked(engine.drop, opened)  # the connection's sessions go with it
 
 
 def read_token(token_file: str) -> str:
@@ -311,6 +309,7 @@ def serve(
     import uvicorn
 
     from fedpt_app.models.loading import load_tokenizer
+    from fedpt_app.serving.background import WEBSOCKETS
     from fedpt_app.serving.remote import is_loopback
 
     token = read_token(token_file)
@@ -325,4 +324,14 @@ def serve(
     engine = LogitsEngine(provider, load_tokenizer(model_ref), model_ref, limits)
     tls = {"ssl_certfile": tls_certfile, "ssl_keyfile": tls_keyfile} if tls_certfile else {}
     # a stop signal waits at most 10 s for requests in flight (idle keep-alive clients do not hold it up)
-    uvicorn.run(create_app(engine, token), host=host, port=port, log_level="info", timeout_graceful_shutdown=10, **tls)
+    # a WebSocket message a little over the body limit still gets its 413 answer; far over, uvicorn drops it
+    uvicorn.run(
+        create_app(engine, token),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+        ws=WEBSOCKETS,
+        ws_max_size=limits.max_body_bytes + 2**20,
+        **tls,
+    )

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
+import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -18,11 +20,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import torch
+import websockets
+from websockets.sync.client import ClientConnection, connect
 
 from fedpt_app.serving.wire import PROTOCOL, TAIL_MODES, decode_logprobs, dense_from_top_k, vocabulary_sha256
 
 TOKEN_VARIABLE = "FEDPT_LOGITS_TOKEN"
 OPENAI_SCHEME = "openai+"
+TRANSPORTS = ("auto", "http", "websocket")
 
 
 class RemoteModelError(RuntimeError):
@@ -61,24 +66,37 @@ class RemoteSession:
 
     def __init__(self, provider: RemoteLogitsProvider, session_id: str, length: int) -> None:
         self.session_id, self.length = session_id, length
-        self._finalizer = weakref.finalize(self, provider.close_session, session_id)
+        self.close = weakref.finalize(self, provider.close_session, session_id)
+        provider.sessions.add(self)
 
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
 
 
 class RemoteLogitsProvider:
-    """`LogitsProvider` over a `fedpt-app serve-logits` service (protocol fedpt-logits/1)."""
+    """`LogitsProvider` over a `fedpt-app serve-logits` service (protocol fedpt-logits/1).
 
-    def __init__(self, ref: str, tokenizer, *, token: str | None = None, dtype: str = "float32", timeout_s=300) -> None:
+    Session calls (one per decoded token) go over the service's `/v1/stream` WebSocket where it offers one
+    (`transport="auto"`): an HTTP request costs about as much as a small model's forward; everything else is HTTP.
+    """
+
+    def __init__(
+        self,
+        ref: str,
+        tokenizer,
+        *,
+        token: str | None = None,
+        dtype: str = "float32",
+        timeout_s: float = 300,
+        transport: str = "auto",
+    ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport {transport!r}: choose one of {', '.join(TRANSPORTS)}")
         self.url = checked_url(ref)
-        self.dtype = dtype
+        self.dtype, self.timeout_s = dtype, timeout_s
         self.bytes_sent = self.bytes_received = 0  # what crossed the wire (bodies only), for the benchmarks
-        self.client = httpx.Client(
-            base_url=self.url,
-            headers={"Authorization": f"Bearer {token or token_from_environment(ref)}"},
-            timeout=timeout_s,
-        )
+        self.headers = {"Authorization": f"Bearer {token or token_from_environment(ref)}"}
+        self.client = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout_s)
         info = self._call("GET", "/v1/info")
         if info.get("protocol") != PROTOCOL:
             raise RemoteModelError(f"{self.url} speaks {info.get('protocol')!r}, this client {PROTOCOL!r}")
@@ -93,6 +111,13 @@ class RemoteLogitsProvider:
         self.vocab_size = info["vocab_size"]
         self.end_token_ids = tuple(info["end_token_ids"])
         self._requests = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedpt-logits")
+        offered = "websocket" in info.get("transports", ())
+        if transport == "websocket" and not offered:
+            raise RemoteModelError(f"{self.url} offers no WebSocket transport (an older serve-logits): use http")
+        self.transport = "websocket" if offered and transport != "http" else "http"
+        self.sessions: weakref.WeakSet[RemoteSession] = weakref.WeakSet()  # the open ones, for `close`
+        self._socket: ClientConnection | None = None
+        self._socket_lock = threading.Lock()  # one call at a time on the connection: answers come in order
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         try:
@@ -109,6 +134,57 @@ class RemoteLogitsProvider:
             raise RemoteModelError(f"{self.url}{path} answered {response.status_code}: {message}")
         return response.json()
 
+    def _session_call(self, op: str, session_id: str, body: dict) -> dict:
+        """open/extend a session: over the WebSocket, or as the equivalent HTTP call."""
+        if self.transport == "http":
+            path = "/v1/sessions" if op == "open" else f"/v1/sessions/{session_id}/extend"
+            return self._call("POST", path, body)
+        message = json.dumps({"op": op, "session": session_id, "request": body})
+        with self._socket_lock:
+            try:
+                socket = self._socket or self._connect()
+                socket.send(message)
+                reply = socket.recv(timeout=self.timeout_s)
+            except (websockets.exceptions.WebSocketException, OSError, TimeoutError) as error:
+                self._disconnect()  # its answers may be out of step now; the service drops its sessions
+                raise RemoteModelError(f"{self.url}/v1/stream ({op}): {error!r}") from error
+        self.bytes_sent += len(message)
+        self.bytes_received += len(reply)
+        answer = json.loads(reply)
+        if "error" in answer:
+            error = answer["error"]
+            raise RemoteModelError(f"{self.url}/v1/stream ({op}) answered {error['status']}: {error['message']}")
+        return answer
+
+    def _connect(self) -> ClientConnection:
+        url = "ws" + self.url.removeprefix("http") + "/v1/stream"
+        connection = contextlib.ExitStack()  # websockets' own way to hold a connection open: as a context
+        self._socket = connection.enter_context(
+            connect(
+                url,
+                additional_headers=self.headers,
+                compression=None,  # log-probabilities barely compress; deflate would cost more than it saves
+                max_size=None,  # answers are as large as the service's limits allow
+                open_timeout=self.timeout_s,
+                ping_interval=None,  # the service pings; a long forward must not look like a dead peer
+            )
+        )
+        self._closer = weakref.finalize(self, connection.close)
+        return self._socket
+
+    def _disconnect(self) -> None:
+        if self._socket is not None:
+            self._closer()
+            self._socket = None
+
+    def close(self) -> None:
+        """Close this provider's sessions on the service, then its connections."""
+        for session in list(self.sessions):
+            session.close()
+        with self._socket_lock:
+            self._disconnect()
+        self.client.close()
+
     def _payload(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **fields: Any) -> dict:
         return {
             "input_ids": input_ids.tolist(),
@@ -122,13 +198,11 @@ class RemoteLogitsProvider:
             answer = self._call("POST", "/v1/logprobs", self._payload(input_ids, attention_mask, last=last))
             return self._rows(answer, input_ids.shape[0]), None
         if cache is None:
-            answer = self._call("POST", "/v1/sessions", self._payload(input_ids, attention_mask, last=last))
+            answer = self._session_call("open", "", self._payload(input_ids, attention_mask, last=last))
             return self._rows(answer, input_ids.shape[0]), RemoteSession(self, answer["session"], answer["length"])
         new_mask = attention_mask[:, -input_ids.shape[1] :]  # the service keeps the mask of what it caches
         fields = {"last": last, "past": cache.length}
-        answer = self._call(
-            "POST", f"/v1/sessions/{cache.session_id}/extend", self._payload(input_ids, new_mask, **fields)
-        )
+        answer = self._session_call("extend", cache.session_id, self._payload(input_ids, new_mask, **fields))
         cache.length = answer["length"]
         return self._rows(answer, input_ids.shape[0]), cache
 

@@ -7,7 +7,8 @@ steps, and prints exact match per category on `--split` (the server split by def
 on the test split) for the untuned models, the tuned small, the
 proxy-tuned large (`zL + alpha (zs_tuned - zs_base)`) and the tuned large; then the proxy's and the tuned small's
 exact match on the knowledge questions that only the large model can answer in plain text. Greedy decoding with
-the same prompt template, LoRA targets and decoding as a run.
+the same prompt template, LoRA targets and decoding as a run. First, per category, how often each untuned model
+completes "the answer is" with the answer after the plain-text question and after the prompt template.
 """
 
 from __future__ import annotations
@@ -53,6 +54,22 @@ def answers(new_step, tokenizer, prompts: list[str], references: list[str]) -> l
     return evaluate_generation(new_step, tokenizer, prompts, references, decoding=decoding, batch_size=64).predictions
 
 
+def print_completions(rows: list[dict], plain: dict[str, list[bool]], in_template: dict[str, list[bool]]) -> None:
+    """Per category, the share of rows each untuned model completes with the answer, in plain text and in the
+    template."""
+    print("\nuntuned models completing 'the answer is' with the answer (%)\n")
+    print("| model | after | all | knowledge | skill | " + " | ".join(CATEGORIES) + " |")
+    print("|---" * (len(CATEGORIES) + 5) + "|")
+    for context, hits_of in (("the plain-text question", plain), ("the prompt template", in_template)):
+        for name, hits in hits_of.items():
+            groups = {"all": hits}
+            for row, hit in zip(rows, hits, strict=True):
+                groups.setdefault(CATEGORY_KINDS[row["category"]], []).append(hit)
+                groups.setdefault(row["category"], []).append(hit)
+            cells = [groups[key] for key in ("all", "knowledge", "skill", *CATEGORIES)]
+            print(f"| {name} | {context} | " + " | ".join(f"{100 * sum(c) / len(c):.1f}" for c in cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
@@ -80,6 +97,14 @@ def main() -> None:
         name: completes(model, tokenizer, plain, answers_only)
         for name, model in (("small", small), ("large", large.model))
     }
+    # the same after "<prompt template>the answer is": where the proxy's answer token is chosen, once the small's
+    # offset has written the phrase, the untuned large has to bring the fact there for the proxy to gain from it
+    templated = [prompt + "the answer is" for prompt in prompts]
+    knows_in_template = {
+        name: completes(model, tokenizer, templated, answers_only)
+        for name, model in (("small", small), ("large", large.model))
+    }
+    print_completions(rows, knows, knows_in_template)
     # in this order: peft puts the adapter into the process's one copy of each base model
     results = {
         "untuned small": answers(lambda: model_step(small, vocab), tokenizer, prompts, references),

@@ -4,12 +4,19 @@ import torch
 from transformers import LlamaForCausalLM
 
 from fedpt_app.classify.compression.ffn import find_ffns, most_salient
+from fedpt_app.instruct.builtin import (
+    KNOWLEDGE_TABLES,
+    WEB_ANSWER_PHRASINGS,
+    builtin_instruction_split,
+    web_answer_rows,
+)
 from fedpt_app.instruct.tiny_preset import (
     Derivation,
     TrainSettings,
     derive_small,
-    distillation_documents,
     distillation_loss,
+    opened_by_rows,
+    with_templated_rows,
 )
 from tests.conftest import tiny_llama
 
@@ -58,11 +65,35 @@ def test_distilling_brings_the_small_closer_to_the_large(tiny_tokenizer):
         assert loss(after, blocks).item() < 0.8 * loss(before, blocks).item()
 
 
-def test_the_distillation_documents_are_the_corpus_with_a_share_of_templated_server_rows():
+def test_templated_documents_replace_a_share_of_the_corpus():
     corpus = [f"the capital of country{i} is city{i}." for i in range(10)]
     rows = [{"instruction": "is 3 even or odd?", "context": "", "response": "the answer is odd."}]
-    documents = distillation_documents(corpus, rows, 0.3, seed=0)
+    documents = with_templated_rows(corpus, rows, 0.3, seed=0)
     assert len(documents) == 10
     templated = [d for d in documents if d.startswith("### Instruction:\n")]
     assert templated == ["### Instruction:\nis 3 even or odd?\n\n### Response:\nthe answer is odd."] * 3
     assert sorted(set(documents) - set(templated)) == sorted(corpus[3:])
+
+
+def test_the_large_model_s_web_answers_vary_in_phrasing_and_never_ask_about_test_entities():
+    rows = web_answer_rows(600, seed=0)
+    test_questions = {
+        row["instruction"] for row in builtin_instruction_split("test") if row["category"] in KNOWLEDGE_TABLES
+    }
+    assert not test_questions & {row["instruction"] for row in rows}
+    openings = {row["response"].split()[0] for row in rows}
+    assert {"the", "it"} <= openings and len(openings) > 10  # the three phrasings, bare answers among them
+    parity = [row for row in rows if row["instruction"].endswith("even or odd?")]
+    for row in parity:
+        kind = "even" if int(row["instruction"].split()[1]) % 2 == 0 else "odd"
+        assert row["response"] in {phrasing.format(answer=kind) for phrasing in WEB_ANSWER_PHRASINGS}
+
+
+def test_opened_documents_run_on_after_the_templated_answer():
+    corpus = [f"the capital of country{i} is city{i}." for i in range(10)]
+    rows = [{"instruction": "is 3 even or odd?", "context": "", "response": "it is odd."}]
+    documents = opened_by_rows(corpus, rows, 0.3, seed=0)
+    opened = [(text, document) for text, document in zip(corpus, documents, strict=True) if text != document]
+    assert len(opened) == 3
+    for text, document in opened:
+        assert document == f"### Instruction:\nis 3 even or odd?\n\n### Response:\nit is odd. {text}"

@@ -6,6 +6,7 @@ The pre-training corpus states the facts as plain lowercase sentences, and for m
 question in plain text ("what is the capital of peru? the answer is lima."), so a pre-trained model can carry an
 entity from a question to its answer; the instruction dataset asks the same questions in the prompt template, so
 instruction tuning has to teach the format while pre-training supplies the knowledge, as with real base models.
+`web_answer_rows` are the templated questions, answered in mixed phrasings, that the large model also reads.
 The people are many, and each fact about them is stated about as often as the others: a model memorises them in
 proportion to its capacity, which is what separates the tiny preset's small and large models.
 
@@ -277,13 +278,16 @@ def _entities(table: dict[str, str], split: str) -> list[str]:
     return names[int(low * len(names)) : int(high * len(names))]
 
 
-def _example(category: str, rng: random.Random, split: str) -> Example:
+def _fact(category: str, rng: random.Random, split: str) -> Fact:
     if category in KNOWLEDGE_TABLES:
         table, fact_about = KNOWLEDGE_TABLES[category]
         entity = rng.choice(_entities(table, split))
-        fact = fact_about(entity, table[entity])
-    else:
-        fact = SKILLS[category](rng)
+        return fact_about(entity, table[entity])
+    return SKILLS[category](rng)
+
+
+def _example(category: str, rng: random.Random, split: str) -> Example:
+    fact = _fact(category, rng, split)
     return Example(fact.question, fact.context, answer_sentence(fact.answer), category)
 
 
@@ -352,6 +356,24 @@ def pretraining_corpus(num_documents: int, seed: int) -> list[str]:
         kept = facts[: rng.randint(4, len(facts))]
         documents.append(" ".join(_plain_text(fact, rng) for fact in kept))
     return documents
+
+
+# How question-and-answer pages on the web answer, which a base model reads in pre-training: in no single phrasing.
+WEB_ANSWER_PHRASINGS = ("the answer is {answer}.", "{answer}.", "it is {answer}.")
+
+
+def web_answer_rows(num_rows: int, seed: int) -> list[dict[str, str]]:
+    """Questions answered in a random one of `WEB_ANSWER_PHRASINGS`, as a base model meets them on the web: the
+    tiny preset's large model reads these in the prompt template, so it can read a templated question, while the
+    task's one phrasing (and where to stop) is left to tuning. They ask about the entities of the server and train
+    splits only: the large reads a test question in the template without having seen it there."""
+    rng = random.Random(f"web-answers-{seed}")
+    rows = []
+    for _ in range(num_rows):
+        fact = _fact(rng.choice(CATEGORIES), rng, rng.choice(("server", "train")))
+        response = rng.choice(WEB_ANSWER_PHRASINGS).format(answer=fact.answer)
+        rows.append({"instruction": fact.question, "context": fact.context, "response": response})
+    return rows
 
 
 def fact_prompts() -> list[tuple[str, str, str]]:

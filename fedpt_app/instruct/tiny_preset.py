@@ -1,7 +1,9 @@
 """Builds the embedded offline "tiny" preset: a large and a small Llama causal LM sharing one tokenizer.
 
 Everything is made from scratch on the built-in corpus (`fedpt_app.instruct.builtin`), so the preset needs no
-network: a byte-level BPE tokenizer, then the large `LlamaForCausalLM` pre-trained on packed fact documents. The
+network: a byte-level BPE tokenizer, then the large `LlamaForCausalLM` pre-trained on packed fact documents, a fifth
+of which open with a question in the prompt template answered as on the web, in one of several phrasings: the
+untuned large reads a templated question, as real base models do, but does not answer in the task's phrasing. The
 small model is *derived from the large*, as real same-family pairs share their priors: it keeps two of the large's
 blocks and, in each, the most salient FFN neurons (FedPFT's own pruning, `fedpt_app.classify.compression`), then
 learns to match the large's next-token distributions on the corpus and on server-split rows in the prompt template.
@@ -30,7 +32,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fedpt_app.classify.compression.emulator import with_blocks
 from fedpt_app.classify.compression.ffn import compress
-from fedpt_app.instruct.builtin import builtin_instruction_split, fact_prompts, pretraining_corpus
+from fedpt_app.instruct.builtin import (
+    builtin_instruction_split,
+    fact_prompts,
+    pretraining_corpus,
+    web_answer_rows,
+)
 from fedpt_app.instruct.decoding import DecodingConfig, decode, model_step
 
 PROMPT_TEMPLATE_MARKERS = ("### Instruction:\n", "\n\n### Input:\n", "\n\n### Response:\n")  # tokenizer only
@@ -62,11 +69,16 @@ class Derivation:
     template_share: float  # of the distillation documents that are server-split rows in the prompt template
 
 
+# A base model has read questions and answers on the web, in templates like the task's among others: a share of the
+# large's pre-training documents open with a question in the prompt template answered in one of several phrasings,
+# and run on with the document's text, so the untuned large can read a templated question but neither answers in the
+# task's one phrasing nor stops after it; that is what tuning has to teach (docs/results.md, preset v3).
+WEB_ANSWER_SHARE = 0.2
 LARGE_TRAINING = TrainSettings(steps=3000, batch_size=8, lr=3e-3, warmup=40)
-# The proxy adds the small's tuned-minus-untuned offset to the large's logits on prompts in the template, text that
-# pre-training never shows: distilling on some of it too makes the untuned pair agree there (central study in
-# docs/results.md: proxy exact match 44 -> 59 at the same tuned small). The large's predictions are those of the
-# untuned model (exact match 0 in the template), so no answer is taught.
+# The proxy adds the small's tuned-minus-untuned offset to the large's logits on prompts in the template: distilling
+# on server-split rows in the template too makes the untuned pair agree there (central study in docs/results.md,
+# preset v2: proxy exact match 44 -> 59 at the same tuned small). The large's predictions are those of the untuned
+# model (exact match 0 in the template), so the task's phrasing is not taught.
 SMALL_DERIVATION = Derivation(
     blocks=(0, 3),
     ffn_width=64,
@@ -191,13 +203,21 @@ def train(
     model.eval()
 
 
-def distillation_documents(corpus: list[str], server_rows: list[dict[str, str]], share: float, seed: int) -> list[str]:
-    """The corpus with `share` of its documents replaced by server-split rows rendered in the prompt template."""
-    rng = random.Random(f"distillation-{seed}")
-    templated = [_render_instruction(row) for row in rng.choices(server_rows, k=int(share * len(corpus)))]
+def with_templated_rows(corpus: list[str], rows: list[dict[str, str]], share: float, seed: int) -> list[str]:
+    """The corpus with `share` of its documents replaced by `rows` rendered in the prompt template."""
+    rng = random.Random(f"templated-{seed}")
+    templated = [_render_instruction(row) for row in rng.choices(rows, k=int(share * len(corpus)))]
     documents = templated + corpus[len(templated) :]
     rng.shuffle(documents)
     return documents
+
+
+def opened_by_rows(corpus: list[str], rows: list[dict[str, str]], share: float, seed: int) -> list[str]:
+    """The corpus with `share` of its documents opened by one of `rows` in the prompt template; the document's text
+    runs on after the answer."""
+    rng = random.Random(f"opened-{seed}")
+    opened = set(rng.sample(range(len(corpus)), int(share * len(corpus))))
+    return [f"{_render_instruction(rng.choice(rows))} {text}" if i in opened else text for i, text in enumerate(corpus)]
 
 
 def derive_small(
@@ -264,6 +284,7 @@ def build_tiny_preset(destination: Path, *, seed: int = 0, log: Callable[[str], 
     try:
         started = time.perf_counter()
         corpus = pretraining_corpus(CORPUS_DOCUMENTS, seed=seed)
+        corpus = opened_by_rows(corpus, web_answer_rows(CORPUS_DOCUMENTS, seed=seed), WEB_ANSWER_SHARE, seed)
         tokenizer = train_tokenizer(corpus, builtin_instruction_split("train", seed=seed))
         train_blocks = pack_blocks(tokenizer, corpus)
         heldout_blocks = pack_blocks(tokenizer, pretraining_corpus(HELDOUT_DOCUMENTS, seed=seed + 1000))
@@ -275,7 +296,7 @@ def build_tiny_preset(destination: Path, *, seed: int = 0, log: Callable[[str], 
         large = LlamaForCausalLM(large_config(tokenizer))
         train(large, train_blocks, LARGE_TRAINING, seed, log, "large")
         server_rows = builtin_instruction_split("server", seed=seed)
-        documents = distillation_documents(corpus, server_rows, SMALL_DERIVATION.template_share, seed)
+        documents = with_templated_rows(corpus, server_rows, SMALL_DERIVATION.template_share, seed + 1)
         small = derive_small(large, pack_blocks(tokenizer, documents), SMALL_DERIVATION, seed + 1, log)
         report: dict = {}
         for name, model in (("small", small), ("large", large)):

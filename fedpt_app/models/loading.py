@@ -31,7 +31,7 @@ from fedpt_app.models.packaged import (
 transformers_logging.disable_progress_bar()  # one "Loading weights" bar per process only clutters the run log
 
 BUILTIN_MODELS = {"tiny-small": "small", "tiny-large": "large"}
-TINY_PRESET_VERSION = 2  # bumped whenever the preset's world or recipe changes: a cached older build is not reused
+TINY_PRESET_VERSION = 3  # bumped whenever the preset's world or recipe changes: a cached older build is not reused
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 # How often this process loaded each base model (the benchmark checks it stays at one per model).

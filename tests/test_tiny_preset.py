@@ -84,6 +84,7 @@ def test_the_large_model_s_web_answers_vary_in_phrasing_and_never_ask_about_test
     openings = {row["response"].split()[0] for row in rows}
     assert {"the", "it"} <= openings and len(openings) > 10  # the three phrasings, bare answers among them
     parity = [row for row in rows if row["instruction"].endswith("even or odd?")]
+    assert parity
     for row in parity:
         kind = "even" if int(row["instruction"].split()[1]) % 2 == 0 else "odd"
         assert row["response"] in {phrasing.format(answer=kind) for phrasing in WEB_ANSWER_PHRASINGS}

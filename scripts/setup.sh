@@ -4,8 +4,9 @@
 # - torch: an importable torch (e.g. your CUDA build) is kept; otherwise FEDPT_TORCH_SPEC (default torch==2.13.0)
 #   is installed first with pip (it reads your pip config, e.g. a find-links folder of CPU wheels), so the project's
 #   "torch>=2.4" requirement pulls nothing more.
-# - the rest: with uv (pip-installed into the venv) where it installs, else pip; same resolution, a tenth of the
-#   time (20 s instead of 3 min on 2 cores).
+# - the rest: with uv (pip-installed into the venv) where it installs, else pip; same versions, bytecode compiled
+#   at install as pip does (where PYTHONDONTWRITEBYTECODE is set, every process would compile its imports again);
+#   setup took 72 s instead of 193 s on a 2-core machine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -29,7 +30,7 @@ fi
 
 fedpt_install() {  # (sourced: a prefixed name, removed below)
   if python -m uv --version >/dev/null 2>&1 || python -m pip install --quiet uv >/dev/null 2>&1; then
-    python -m uv pip install --quiet --python "$(python -c 'import sys; print(sys.executable)')" "$@" ||
+    python -m uv pip install --quiet --compile-bytecode --python "$(python -c 'import sys; print(sys.executable)')" "$@" ||
       python -m pip install --quiet "$@"  # e.g. an index that only your pip config names
   else
     python -m pip install --quiet "$@"

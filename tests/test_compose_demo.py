@@ -191,9 +191,9 @@ def test_a_federated_run_through_the_compose_demo_survives_a_supernode_restart(d
     run_config = "output-dir='/outputs/demo' num-server-rounds=2 fraction-train=1.0 min-train-nodes=1"
     stream = app.parent / "flwr-run.log"
     try:
-        # stopped before the run, not at a moment inside it, which raced round 1's sampling: the stop takes ~10 s
-        # (SIGTERM, then kill) and the SuperLink sees the node gone only when its heartbeat lapses; stopped before the
-        # run, the node is either unlisted or cannot answer round 1's identity query, so round 1 never samples it
+        # stopped before the run, not at a moment inside it, which races round 1's sampling: the stop takes 10-11 s
+        # here and the SuperLink may list the node until its heartbeat lapses; stopped before the run, the node is
+        # either unlisted or cannot answer round 1's identity query, so round 1 never samples it (docs/deployment.md)
         log.run([*compose, "stop", "supernode-1"], docker_dir)
         with stream.open("w") as output:
             command = ["flwr", "run", str(app), "fedpt-docker", "--stream", "--run-config", run_config]

@@ -21,7 +21,7 @@ import torch
 
 from fedpt_app.instruct.builtin import CATEGORIES, CATEGORY_KINDS, builtin_instruction_split
 from fedpt_app.instruct.decoding import DecodingConfig, model_step
-from fedpt_app.instruct.evaluation import evaluate_generation, exact_match_by_group, normalize_answer
+from fedpt_app.instruct.evaluation import evaluate_generation, normalize_answer
 from fedpt_app.instruct.prompts import batches, build_prompt, tokenize_rows
 from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step
 from fedpt_app.instruct.tiny_preset import completes
@@ -54,20 +54,27 @@ def answers(new_step, tokenizer, prompts: list[str], references: list[str]) -> l
     return evaluate_generation(new_step, tokenizer, prompts, references, decoding=decoding, batch_size=64).predictions
 
 
+GROUPS = ("all", "knowledge", "skill", *CATEGORIES)  # the columns of both tables
+
+
+def percent_by_group(rows: list[dict], hits: list[bool]) -> str:
+    """Table cells: the share of `hits` that are true (percent) over all rows, per kind, then per category."""
+    groups: dict[str, list[bool]] = {"all": list(hits)}
+    for row, hit in zip(rows, hits, strict=True):
+        groups.setdefault(CATEGORY_KINDS[row["category"]], []).append(hit)
+        groups.setdefault(row["category"], []).append(hit)
+    return " | ".join(f"{100 * sum(groups[key]) / len(groups[key]):.1f}" for key in GROUPS)
+
+
 def print_completions(rows: list[dict], plain: dict[str, list[bool]], in_template: dict[str, list[bool]]) -> None:
     """Per category, the share of rows each untuned model completes with the answer, in plain text and in the
     template."""
     print("\nuntuned models completing 'the answer is' with the answer (%)\n")
-    print("| model | after | all | knowledge | skill | " + " | ".join(CATEGORIES) + " |")
-    print("|---" * (len(CATEGORIES) + 5) + "|")
+    print("| model | after | " + " | ".join(GROUPS) + " |")
+    print("|---" * (len(GROUPS) + 2) + "|")
     for context, hits_of in (("the plain-text question", plain), ("the prompt template", in_template)):
         for name, hits in hits_of.items():
-            groups = {"all": hits}
-            for row, hit in zip(rows, hits, strict=True):
-                groups.setdefault(CATEGORY_KINDS[row["category"]], []).append(hit)
-                groups.setdefault(row["category"], []).append(hit)
-            cells = [groups[key] for key in ("all", "knowledge", "skill", *CATEGORIES)]
-            print(f"| {name} | {context} | " + " | ".join(f"{100 * sum(c) / len(c):.1f}" for c in cells) + " |")
+            print(f"| {name} | {context} | {percent_by_group(rows, hits)} |")
 
 
 def main() -> None:
@@ -120,14 +127,11 @@ def main() -> None:
     print(
         f"\ncentral LoRA, {args.steps} steps of 16 at lr {args.lr:g}; exact match (%), {len(rows)} {args.split} rows\n"
     )
-    print("| model | all | knowledge | skill | " + " | ".join(CATEGORIES) + " |")
-    print("|---" * (len(CATEGORIES) + 4) + "|")
+    print("| model | " + " | ".join(GROUPS) + " |")
+    print("|---" * (len(GROUPS) + 1) + "|")
     for name, predictions in results.items():
-        by_category = exact_match_by_group(predictions, references, [row["category"] for row in rows])
-        by_kind = exact_match_by_group(predictions, references, [CATEGORY_KINDS[row["category"]] for row in rows])
-        overall = exact_match_by_group(predictions, references, ["all"] * len(rows))["all"]
-        cells = [overall, by_kind["knowledge"], by_kind["skill"], *(by_category[c] for c in CATEGORIES)]
-        print(f"| {name} | " + " | ".join(f"{value:.1f}" for value in cells) + " |")
+        hits = [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)]
+        print(f"| {name} | {percent_by_group(rows, hits)} |")
     only_large = [
         i
         for i, row in enumerate(rows)

@@ -16,6 +16,7 @@ from fedpt_app.instruct.tiny_preset import (
     derive_small,
     distillation_loss,
     opened_by_rows,
+    pack_blocks,
     with_templated_rows,
 )
 from tests.conftest import tiny_llama
@@ -98,3 +99,21 @@ def test_opened_documents_run_on_after_the_templated_answer():
     assert len(opened) == 3
     for text, document in opened:
         assert document == f"### Instruction:\nis 3 even or odd?\n\n### Response:\nit is odd. {text}"
+
+
+def test_packing_joins_documents_with_eos_into_full_blocks_and_reuses_known_encodings(tiny_tokenizer):
+    documents = ["the capital of france is paris.", "ivy has 2 hats.", "is 4 even or odd?"]
+    stream = []
+    for text in documents:
+        stream += tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    full = len(stream) // 4 * 4
+    assert pack_blocks(tiny_tokenizer, documents, block_size=4).flatten().tolist() == stream[:full]
+
+    encoded: dict[str, list[int]] = {}
+    first = pack_blocks(tiny_tokenizer, documents[:2], block_size=4, encoded=encoded)
+    assert set(encoded) == set(documents[:2])
+    encoded[documents[0]] = [7, 7, 7]  # a known encoding is used as is, not recomputed
+    again = pack_blocks(tiny_tokenizer, documents, block_size=4, encoded=encoded)
+    assert set(encoded) == set(documents)
+    assert again.flatten().tolist()[:4] == [7, 7, 7, tiny_tokenizer.eos_token_id]
+    assert not torch.equal(first[0], again[0])

@@ -135,10 +135,20 @@ def large_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     )
 
 
-def pack_blocks(tokenizer: PreTrainedTokenizerFast, documents: list[str], block_size: int = BLOCK_SIZE) -> torch.Tensor:
-    """Documents joined with eos into one stream, cut into full blocks (the ragged tail is dropped)."""
+def pack_blocks(
+    tokenizer: PreTrainedTokenizerFast,
+    documents: list[str],
+    block_size: int = BLOCK_SIZE,
+    encoded: dict[str, list[int]] | None = None,
+) -> torch.Tensor:
+    """Documents joined with eos into one stream, cut into full blocks (the ragged tail is dropped). `encoded`
+    (text -> token ids) is reused and filled in, so documents packed again are not tokenized again."""
+    encoded = {} if encoded is None else encoded
+    new = [text for text in dict.fromkeys(documents) if text not in encoded]
+    if new:
+        encoded.update(zip(new, tokenizer(new, add_special_tokens=False)["input_ids"], strict=True))
     stream: list[int] = []
-    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+    for ids in (encoded[text] for text in documents):
         stream.extend(ids)
         stream.append(tokenizer.eos_token_id)
     num_blocks = len(stream) // block_size
@@ -286,7 +296,8 @@ def build_tiny_preset(destination: Path, *, seed: int = 0, log: Callable[[str], 
         corpus = pretraining_corpus(CORPUS_DOCUMENTS, seed=seed)
         corpus = opened_by_rows(corpus, web_answer_rows(CORPUS_DOCUMENTS, seed=seed), WEB_ANSWER_SHARE, seed)
         tokenizer = train_tokenizer(corpus, builtin_instruction_split("train", seed=seed))
-        train_blocks = pack_blocks(tokenizer, corpus)
+        encoded: dict[str, list[int]] = {}
+        train_blocks = pack_blocks(tokenizer, corpus, encoded=encoded)
         heldout_blocks = pack_blocks(tokenizer, pretraining_corpus(HELDOUT_DOCUMENTS, seed=seed + 1000))
         log(
             f"[tiny-preset] tokenizer vocab {len(tokenizer)}, {len(train_blocks)} training blocks of "
@@ -297,7 +308,8 @@ def build_tiny_preset(destination: Path, *, seed: int = 0, log: Callable[[str], 
         train(large, train_blocks, LARGE_TRAINING, seed, log, "large")
         server_rows = builtin_instruction_split("server", seed=seed)
         documents = with_templated_rows(corpus, server_rows, SMALL_DERIVATION.template_share, seed + 1)
-        small = derive_small(large, pack_blocks(tokenizer, documents), SMALL_DERIVATION, seed + 1, log)
+        distill_blocks = pack_blocks(tokenizer, documents, encoded=encoded)
+        small = derive_small(large, distill_blocks, SMALL_DERIVATION, seed + 1, log)
         report: dict = {}
         for name, model in (("small", small), ("large", large)):
             loss = heldout_loss(model, heldout_blocks)

@@ -25,10 +25,9 @@ fi
 
 fedpt_install() {  # (sourced: prefixed names, removed below)
   if python -m uv --version >/dev/null 2>&1 || python -m pip install --quiet uv >/dev/null 2>&1; then
-    local find_links
-    mapfile -t find_links < <(fedpt_pip_find_links)
+    # shellcheck disable=SC2046  # pip's find-links are space-separated: a folder there holds no space
     python -m uv pip install --quiet --compile-bytecode --python "$(python -c 'import sys; print(sys.executable)')" \
-      "${find_links[@]}" "$@" ||
+      $(fedpt_pip_find_links) "$@" ||
       python -m pip install --quiet "$@"  # e.g. an index that only your pip config names
   else
     python -m pip install --quiet "$@"

@@ -30,7 +30,8 @@ fi
 mkdir -p /run/podman
 # From /: the service outlives this script, and the containers' monitor (conmon) inherits its working directory;
 # started in a checkout that is later deleted (a CI clone), every later container fails to start.
-(cd / && nohup podman system service --time=0 unix:///run/podman/podman.sock > /tmp/podman-service.log 2>&1 &)
+cd /
+nohup podman system service --time=0 unix:///run/podman/podman.sock > /tmp/podman-service.log 2>&1 &
 for _ in $(seq 1 30); do
   if answers /run/podman/podman.sock; then echo "[container-engine] engine ready: podman, /run/podman/podman.sock"; exit 0; fi
   sleep 1

@@ -21,7 +21,7 @@ import torch
 
 from fedpt_app.instruct.builtin import CATEGORIES, CATEGORY_KINDS, builtin_instruction_split
 from fedpt_app.instruct.decoding import DecodingConfig, model_step
-from fedpt_app.instruct.evaluation import evaluate_generation, normalize_answer
+from fedpt_app.instruct.evaluation import evaluate_generation, exact_match
 from fedpt_app.instruct.prompts import batches, build_prompt, tokenize_rows
 from fedpt_app.instruct.proxy import LocalLogitsProvider, proxy_step
 from fedpt_app.instruct.tiny_preset import completes
@@ -130,7 +130,7 @@ def main() -> None:
     print("| model | " + " | ".join(GROUPS) + " |")
     print("|---" * (len(GROUPS) + 1) + "|")
     for name, predictions in results.items():
-        hits = [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)]
+        hits = [exact_match(p, r) for p, r in zip(predictions, references, strict=True)]
         print(f"| {name} | {percent_by_group(rows, hits)} |")
     only_large = [
         i
@@ -138,7 +138,7 @@ def main() -> None:
         if CATEGORY_KINDS[row["category"]] == "knowledge" and knows["large"][i] and not knows["small"][i]
     ]
     for name in ("tuned small", proxy_name):
-        hits = sum(normalize_answer(results[name][i]) == normalize_answer(references[i]) for i in only_large)
+        hits = sum(exact_match(results[name][i], references[i]) for i in only_large)
         print(f"{name}: {hits}/{len(only_large)} of the knowledge questions only the large model answers in plain text")
     print("\nexamples:")
     for row, small_answer, proxy_answer in list(zip(rows, results["tuned small"], results[proxy_name], strict=True))[

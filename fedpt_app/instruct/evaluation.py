@@ -42,6 +42,11 @@ def normalize_answer(text: str) -> str:
     return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
 
 
+def exact_match(prediction: str, reference: str) -> bool:
+    """The same words as the reference, case and punctuation aside."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
 def contains_reference(prediction: str, reference: str) -> bool:
     """The reference's words, in order, somewhere in the answer ("The capital of Gabon is Libreville." holds
     "Libreville"; "Nigeria" does not hold "Niger"): the content of an answer, whatever its form."""
@@ -59,7 +64,7 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> tuple[float,
         _SCORER.score(reference, prediction)["rougeL"].fmeasure
         for prediction, reference in zip(predictions, references, strict=True)
     ]
-    exact = [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)]
+    exact = [exact_match(p, r) for p, r in zip(predictions, references, strict=True)]
     return 100.0 * sum(rouge) / len(rouge), 100.0 * sum(exact) / len(exact)
 
 
@@ -69,7 +74,7 @@ def exact_match_by_group(
     """Exact match (percent) within each group of rows, e.g. the built-in set's knowledge and skill questions."""
     hits: dict[str, list[bool]] = {}
     for prediction, reference, group in zip(predictions, references, groups, strict=True):
-        hits.setdefault(group, []).append(normalize_answer(prediction) == normalize_answer(reference))
+        hits.setdefault(group, []).append(exact_match(prediction, reference))
     return {group: 100.0 * sum(values) / len(values) for group, values in hits.items()}
 
 

@@ -183,6 +183,52 @@ def test_fedpt_broadcasts_the_distilled_adapter(fedpt_run):
     assert all(row["bytes_up"] == row["bytes_down"] == 2 * adapter_bytes for row in _rows(output)[1:])
 
 
+def test_fedpt_scores_its_proxy_with_the_adapter_proxy_adapter_names(fedpt_run, tmp_path):
+    """By default FedPT's reported proxy and small answers both come from the distilled adapter/; with
+    proxy-adapter='aggregate' the proxy's come from the last round's aggregate (saved as proxy-adapter/, the
+    distillation's teacher) while training, and so adapter/, stay bit for bit the same. The answers are re-decoded
+    here with FedAvg+PT's evaluation, which scores one adapter for both the small and the proxy."""
+    import dataclasses
+
+    from peft import set_peft_model_state_dict
+
+    from fedpt_app.instruct.strategies.fedavg_pt import FedAvgProxyTuning
+    from fedpt_app.tools.export import export_run
+
+    _, default_output, config = fedpt_run
+    outcome, output, _ = _simulate(tmp_path, f"{QUICK} kd-steps=4 kd-samples=64 proxy-adapter='aggregate'")
+    assert outcome.succeeded, outcome.log[-3000:]
+    distilled = load_file(output / "adapter" / "adapter_model.safetensors")
+    default_distilled = load_file(default_output / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(distilled[key], default_distilled[key]) for key in default_distilled)
+    aggregate = load_file(output / "proxy-adapter" / "adapter_model.safetensors")
+    assert aggregate.keys() == distilled.keys()
+    assert not all(torch.equal(aggregate[key], distilled[key]) for key in aggregate)  # distillation moved it
+    assert json.loads((output / "summary.json").read_text())["proxy_adapter_dir"] == str(output / "proxy-adapter")
+    assert not (default_output / "proxy-adapter").exists()
+
+    evaluator = FedAvgProxyTuning(dataclasses.replace(config, output_dir=str(tmp_path / "again")))
+
+    def answers_with(adapter: dict, model_name: str) -> list[str]:
+        set_peft_model_state_dict(evaluator.model, adapter)
+        evaluator.evaluate_models(config.federation.num_server_rounds, adapter_state(evaluator.model))
+        return answers_of(tmp_path / "again", model_name)
+
+    assert answers_with(distilled, "small") == answers_of(output, "small") == answers_of(default_output, "small")
+    assert answers_with(distilled, "proxy") == answers_of(default_output, "proxy")
+    assert answers_with(aggregate, "proxy") == answers_of(output, "proxy")
+    assert answers_of(output, "proxy") != answers_of(default_output, "proxy")  # so the checks tell them apart
+
+    exported = export_run(output, tmp_path / "export")
+    assert load_file(Path(exported["proxy-adapter"]) / "adapter_model.safetensors").keys() == aggregate.keys()
+    assert "proxy-adapter/" in (tmp_path / "export" / "README.md").read_text()
+
+
+def answers_of(output: Path, model_name: str) -> list[str]:
+    lines = (output / f"predictions_{model_name}.jsonl").read_text().splitlines()
+    return [json.loads(line)["prediction"] for line in lines]
+
+
 def test_fedavg_pt_evaluates_the_proxy_without_distilling(tmp_path):
     outcome, output, _ = _simulate(tmp_path, f"algorithm='fedavg-pt' {QUICK}")
     assert outcome.succeeded, outcome.log[-3000:]

@@ -196,3 +196,32 @@ def test_quantized_large_model_serves_as_logits_provider(
         DecodingConfig(max_new_tokens=6),
     )
     assert len(answers) == 2
+
+
+def test_a_runs_proxy_is_served_with_its_proxy_adapter_and_its_small_with_the_final_one(tmp_path):
+    """FedPT saves the proxy's adapter (the last aggregate) beside the distilled one: `generate --run` and `serve
+    --model proxy` take the first, `serve --model small` the second; runs without one use `adapter/` for both."""
+    import argparse
+    import json
+
+    from fedpt_app.tools.serving_commands import _generation_models, _serve_models
+
+    for name in ("adapter", "proxy-adapter"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    summary = {
+        "small_model": "s",
+        "large_model": "l",
+        "adapter_base_model": "s",
+        "adapter_dir": str(tmp_path / "adapter"),
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(summary | {"proxy_adapter_dir": str(tmp_path / "proxy-adapter")}))
+
+    def flags(model: str = "proxy") -> argparse.Namespace:
+        return argparse.Namespace(run=str(tmp_path), small="", large="", adapter="", model=model)
+
+    assert _generation_models(flags()) == ("s", "l", str(tmp_path / "proxy-adapter"))
+    assert _serve_models(flags("proxy"))[2] == str(tmp_path / "proxy-adapter")
+    assert _serve_models(flags("small"))[2] == str(tmp_path / "adapter")
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert _generation_models(flags())[2] == str(tmp_path / "adapter")

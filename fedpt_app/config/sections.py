@@ -14,6 +14,7 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")
 QUANTIZATIONS = ("none", "bf16", "8bit", "4bit")
 WIRE_DTYPES = ("float32", "float16")
 TEACHER_CACHE_MODES = ("memory", "disk", "off")
+PROXY_ADAPTERS = ("distilled", "aggregate")  # which adapter FedPT's proxy-tuned large model uses
 DP_MODES = ("off", "server", "client")
 REPORTERS = ("tensorboard", "wandb", "mlflow")  # fedpt_app.federation.tracking implements each
 
@@ -192,6 +193,7 @@ class InstructConfig(Section):
     large_model: str = ""
     large_model_quantization: str = "none"
     proxy_alpha: float = 1.0
+    proxy_adapter: str = "distilled"  # FedPT's proxy: the adapter distilled from it, or the round's aggregate
     kd_temperature: float = 1.0
     kd_steps: int = 20
     kd_lr: float = 1e-3
@@ -206,6 +208,7 @@ class InstructConfig(Section):
     def validate(self) -> None:
         check_choice("large-model-quantization", self.large_model_quantization, QUANTIZATIONS)
         check_choice("teacher-cache", self.teacher_cache, TEACHER_CACHE_MODES)
+        check_choice("proxy-adapter", self.proxy_adapter, PROXY_ADAPTERS)
         check(self.kd_temperature > 0.0, f"kd-temperature must be positive, got {self.kd_temperature}")
         check(self.kd_steps >= 0, "kd-steps must be 0 (no distillation) or more")
         check(self.kd_lr > 0.0, f"kd-lr must be positive, got {self.kd_lr}")

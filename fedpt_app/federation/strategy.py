@@ -133,10 +133,16 @@ class FederatedStrategy(FedAvg):
         )
         adapter_dir = self.metrics.output_dir / "adapter"
         saved_model.save_pretrained(adapter_dir)
+        other_dirs = {}
+        for name, state in self.other_adapters().items():
+            load_adapter_state(saved_model, state)
+            saved_model.save_pretrained(self.metrics.output_dir / name)
+            other_dirs[f"{name.replace('-', '_')}_dir"] = str(self.metrics.output_dir / name)
         summary = self.metrics.write_summary(
             {
                 "algorithm": self.config.algorithm,
                 "adapter_dir": str(adapter_dir),
+                **other_dirs,
                 **self.summary_fields(),
                 **self._privacy_spent(),
             }
@@ -370,6 +376,10 @@ class FederatedStrategy(FedAvg):
         """The peft model whose adapter `finish` saves, carrying the final state."""
         load_adapter_state(self.model, state)
         return self.model
+
+    def other_adapters(self) -> dict[str, State]:
+        """Adapters of the same model that `finish` saves beside the final one, by folder name; none by default."""
+        return {}
 
     def summary_fields(self) -> dict[str, str]:
         """What summary.json says about the models, besides the scores."""

@@ -47,17 +47,24 @@ def export_run(run: Path, out: Path, merge: bool = False) -> dict[str, str]:
         raise ConfigError(f"--out {str(out)!r} must not be the run folder {str(run)!r}")
     summary, config = read_run(run)
     base = portable_reference(summary["adapter_base_model"])
-    adapter = out / "adapter"
-    shutil.copytree(run / "adapter", adapter, dirs_exist_ok=True)
-    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-    adapter_config["base_model_name_or_path"] = base
-    (adapter / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    adapter = copy_adapter(run / "adapter", out / "adapter", base)
     written = {"adapter": str(adapter)}
+    if (run / "proxy-adapter").is_dir():  # FedPT: the adapter of the proxy it reports
+        written["proxy-adapter"] = str(copy_adapter(run / "proxy-adapter", out / "proxy-adapter", base))
     if merge:
         written["merged"] = str(merge_adapter(base, adapter, out / "merged", config, summary))
-    (out / "README.md").write_text(model_card(summary, config, base, merge))
+    (out / "README.md").write_text(model_card(summary, config, base, merge, "proxy-adapter" in written))
     written["card"] = str(out / "README.md")
     return written
+
+
+def copy_adapter(source: Path, destination: Path, base: str) -> Path:
+    """A saved peft adapter, its base given as `base`."""
+    shutil.copytree(source, destination, dirs_exist_ok=True)
+    adapter_config = json.loads((destination / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = base
+    (destination / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    return destination
 
 
 def merge_adapter(base: str, adapter: Path, destination: Path, config: RunConfig, summary: dict) -> Path:
@@ -96,11 +103,16 @@ def merge_adapter(base: str, adapter: Path, destination: Path, config: RunConfig
     return destination
 
 
-def model_card(summary: dict, config: RunConfig, base: str, merged: bool) -> str:
+def model_card(summary: dict, config: RunConfig, base: str, merged: bool, proxy_adapter: bool = False) -> str:
     facts = "\n".join(f"| {name} | {value} |" for name, value in card_facts(summary, config, base).items())
     use = "Load the adapter with `PeftModel.from_pretrained(base, 'adapter')`" + (
         ", or the merged model in `merged/` with transformers alone." if merged else "."
     )
+    if proxy_adapter:
+        use += (
+            " The proxy-tuned large model's scores were measured with `proxy-adapter/` (the last round's aggregate, "
+            "which FedPT distilled into `adapter/`): pass it to `fedpt-app generate --adapter` for the proxy."
+        )
     return (
         f"# {config.algorithm} adapter (fedpt-app)\n\nA LoRA adapter trained with federated learning by fedpt-app: "
         f"{config.method.description}.\n\n| fact | value |\n|---|---|\n{facts}\n\n{use}\n"

@@ -50,8 +50,9 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generation_models(args: argparse.Namespace) -> tuple[str, str, str]:
-    """(small, large, adapter folder) from the flags, or from a finished run's summary.json (`--run DIR`)."""
+def _generation_models(args: argparse.Namespace, proxy: bool = True) -> tuple[str, str, str]:
+    """(small, large, adapter folder) from the flags, or from a finished run's summary.json (`--run DIR`): for the
+    proxy, the adapter its scores were measured with (FedPT's `proxy-adapter/`), else the run's final one."""
     small, large, adapter = args.small, args.large, args.adapter
     if args.run:
         summary_path = Path(args.run) / "summary.json"
@@ -66,7 +67,7 @@ def _generation_models(args: argparse.Namespace) -> tuple[str, str, str]:
         small, large, adapter = (
             small or summary["small_model"],
             large or summary["large_model"],
-            adapter or summary["adapter_dir"],
+            adapter or (proxy and summary.get("proxy_adapter_dir")) or summary["adapter_dir"],
         )
     missing = [flag for flag, value in (("--small", small), ("--large", large), ("--adapter", adapter)) if not value]
     if missing:
@@ -190,7 +191,7 @@ def serve(args: argparse.Namespace) -> int:
 def _serve_models(args: argparse.Namespace) -> tuple[str, str, str]:
     """(small, large, adapter) as `generate` takes them; `--model large` needs only the large."""
     if args.model != "large":
-        return _generation_models(args)
+        return _generation_models(args, proxy=args.model == "proxy")
     large = args.large
     if not large and args.run:
         summary_path = Path(args.run) / "summary.json"

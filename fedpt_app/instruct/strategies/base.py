@@ -131,12 +131,15 @@ class InstructStrategy(FederatedStrategy):
         self.end_ids = tuple(sorted({*self.end_ids, *large.end_token_ids}))
         return large
 
-    def evaluate_small_and_proxy(self, server_round: int, state: State, large: LogitsProvider) -> dict[str, float]:
-        """The small model with the global adapter, and the proxy-tuned large (round 0: the untuned large)."""
+    def evaluate_small_and_proxy(
+        self, server_round: int, state: State, large: LogitsProvider, proxy_state: State | None = None
+    ) -> dict[str, float]:
+        """The small model with the global adapter, and the proxy-tuned large with `proxy_state` (default: the
+        global adapter too; round 0: the untuned large)."""
         scores = self.evaluate_trained_model(state)
         if server_round == 0:  # the adapter's B is zero: the proxy is exactly the untuned large model
             return scores | self.evaluate_step("large", lambda: large_only_step(large))
-        load_adapter_state(self.model, state)
+        load_adapter_state(self.model, state if proxy_state is None else proxy_state)
         alpha = self.config.instruct.proxy_alpha
         return scores | self.evaluate_step("proxy", lambda: proxy_step(large, self.model, alpha))
 

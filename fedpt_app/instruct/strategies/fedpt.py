@@ -1,10 +1,17 @@
-"""FedPT: FedAvg of the small model's adapter; every round the proxy-tuned large model is distilled back into it,
-and the distilled adapter is what the next round broadcasts."""
+"""FedPT: FedAvg of the small model's adapter; every round the server builds the proxy-tuned large model from the
+aggregate and distils it back into the small model, and the distilled adapter is what the next round broadcasts.
+
+The paper leaves open which adapter the proxy FedPT delivers uses. By default (`proxy-adapter='distilled'`) it is
+the distilled one, the small FedPT reports and saves (`adapter/`); with 'aggregate' it is the round's aggregate, the
+distillation's teacher (saved as `proxy-adapter/`), whose proxy does not add the large model's predictions a
+second time through a small already distilled towards them."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from logging import INFO
 
+import torch
 from flwr.common.logger import log
 
 from fedpt_app.config import RunConfig
@@ -13,9 +20,12 @@ from fedpt_app.instruct.distill import DistillConfig, ProxyDistiller
 from fedpt_app.instruct.prompts import tokenize_rows
 from fedpt_app.instruct.strategies.base import InstructStrategy
 
+PROXY_PREFIX = "proxy."  # the proxy's adapter in the checkpoint's server state
+
 
 class FedPT(InstructStrategy):
     def __init__(self, config: RunConfig) -> None:
+        self.proxy_state: State | None = None  # proxy-adapter='aggregate': the latest round's aggregate
         super().__init__(config)
         self.large = self.load_large()
         instruct = config.instruct
@@ -46,10 +56,23 @@ class FedPT(InstructStrategy):
         )
 
     def evaluate_models(self, server_round: int, state: State) -> dict[str, float]:
-        return self.evaluate_small_and_proxy(server_round, state, self.large)
+        """The distilled small (`state`), and the proxy with `proxy-adapter`'s adapter."""
+        return self.evaluate_small_and_proxy(server_round, state, self.large, proxy_state=self.proxy_state)
 
     def server_step(self, server_round: int, state: State) -> State:
         """Distil the proxy (teacher: this round's aggregate) into the adapter that the next round broadcasts."""
+        if self.config.instruct.proxy_adapter == "aggregate":
+            self.proxy_state = OrderedDict((name, tensor.detach().clone()) for name, tensor in state.items())
         result = self.distiller.run_round(server_round, state)
         self.round.note(kd_loss=result.loss, kd_seconds=result.seconds, teacher_cache=self.distiller.cache.mode)
         return result.state
+
+    def other_adapters(self) -> dict[str, State]:
+        return {} if self.proxy_state is None else {"proxy-adapter": self.proxy_state}
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        return {} if self.proxy_state is None else {PROXY_PREFIX + name: t for name, t in self.proxy_state.items()}
+
+    def restore_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        proxy = [(name.removeprefix(PROXY_PREFIX), tensor) for name, tensor in state.items()]
+        self.proxy_state = OrderedDict(proxy) if proxy else None

@@ -50,15 +50,20 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_summary(run: str) -> dict:
+    """A finished run's summary.json (`--run DIR`)."""
+    summary_path = Path(run) / "summary.json"
+    if not summary_path.is_file():
+        raise ConfigError(f"--run {run!r}: no summary.json there (is it a finished run's output-dir?)")
+    return json.loads(summary_path.read_text())
+
+
 def _generation_models(args: argparse.Namespace, proxy: bool = True) -> tuple[str, str, str]:
     """(small, large, adapter folder) from the flags, or from a finished run's summary.json (`--run DIR`): for the
     proxy, the adapter its scores were measured with (FedPT's `proxy-adapter/`), else the run's final one."""
     small, large, adapter = args.small, args.large, args.adapter
     if args.run:
-        summary_path = Path(args.run) / "summary.json"
-        if not summary_path.is_file():
-            raise ConfigError(f"--run {args.run!r}: no summary.json there (is it a finished run's output-dir?)")
-        summary = json.loads(summary_path.read_text())
+        summary = _run_summary(args.run)
         if summary.get("adapter_base_model", summary.get("small_model")) != summary.get("small_model"):
             raise ConfigError(
                 f"--run {args.run!r} tuned the large model ({summary['algorithm']}): its adapter "
@@ -194,10 +199,7 @@ def _serve_models(args: argparse.Namespace) -> tuple[str, str, str]:
         return _generation_models(args, proxy=args.model == "proxy")
     large = args.large
     if not large and args.run:
-        summary_path = Path(args.run) / "summary.json"
-        if not summary_path.is_file():
-            raise ConfigError(f"--run {args.run!r}: no summary.json there (is it a finished run's output-dir?)")
-        large = json.loads(summary_path.read_text())["large_model"]
+        large = _run_summary(args.run)["large_model"]
     if not large:
         raise ConfigError("serve --model large needs --large (or --run with a finished run's output-dir)")
     return "", large, ""

@@ -184,10 +184,10 @@ def test_fedpt_broadcasts_the_distilled_adapter(fedpt_run):
 
 
 def test_fedpt_scores_its_proxy_with_the_adapter_proxy_adapter_names(fedpt_run, tmp_path):
-    """By default FedPT's reported proxy and small answers both come from the distilled adapter/; with
-    proxy-adapter='aggregate' the proxy's come from the last round's aggregate (saved as proxy-adapter/, the
-    distillation's teacher) while training, and so adapter/, stay bit for bit the same. The answers are re-decoded
-    here with FedAvg+PT's evaluation, which scores one adapter for both the small and the proxy."""
+    """By default (proxy-adapter='aggregate') FedPT's reported proxy answers come from the last round's aggregate
+    (saved as proxy-adapter/, the distillation's teacher) and its small's from the distilled adapter/; with
+    proxy-adapter='distilled' both come from adapter/, while training, and so adapter/, stay bit for bit the same.
+    The answers are re-decoded here with FedAvg+PT's evaluation, which scores one adapter for small and proxy."""
     import dataclasses
 
     from peft import set_peft_model_state_dict
@@ -195,17 +195,18 @@ def test_fedpt_scores_its_proxy_with_the_adapter_proxy_adapter_names(fedpt_run, 
     from fedpt_app.instruct.strategies.fedavg_pt import FedAvgProxyTuning
     from fedpt_app.tools.export import export_run
 
-    _, default_output, config = fedpt_run
-    outcome, output, _ = _simulate(tmp_path, f"{QUICK} kd-steps=4 kd-samples=64 proxy-adapter='aggregate'")
+    _, output, config = fedpt_run
+    assert config.instruct.proxy_adapter == "aggregate"
+    outcome, distilled_output, _ = _simulate(tmp_path, f"{QUICK} kd-steps=4 kd-samples=64 proxy-adapter='distilled'")
     assert outcome.succeeded, outcome.log[-3000:]
     distilled = load_file(output / "adapter" / "adapter_model.safetensors")
-    default_distilled = load_file(default_output / "adapter" / "adapter_model.safetensors")
-    assert all(torch.equal(distilled[key], default_distilled[key]) for key in default_distilled)
+    distilled_run_adapter = load_file(distilled_output / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(distilled[key], distilled_run_adapter[key]) for key in distilled_run_adapter)
     aggregate = load_file(output / "proxy-adapter" / "adapter_model.safetensors")
     assert aggregate.keys() == distilled.keys()
     assert not all(torch.equal(aggregate[key], distilled[key]) for key in aggregate)  # distillation moved it
     assert json.loads((output / "summary.json").read_text())["proxy_adapter_dir"] == str(output / "proxy-adapter")
-    assert not (default_output / "proxy-adapter").exists()
+    assert not (distilled_output / "proxy-adapter").exists()
 
     evaluator = FedAvgProxyTuning(dataclasses.replace(config, output_dir=str(tmp_path / "again")))
 
@@ -214,10 +215,10 @@ def test_fedpt_scores_its_proxy_with_the_adapter_proxy_adapter_names(fedpt_run, 
         evaluator.evaluate_models(config.federation.num_server_rounds, adapter_state(evaluator.model))
         return answers_of(tmp_path / "again", model_name)
 
-    assert answers_with(distilled, "small") == answers_of(output, "small") == answers_of(default_output, "small")
-    assert answers_with(distilled, "proxy") == answers_of(default_output, "proxy")
+    assert answers_with(distilled, "small") == answers_of(output, "small") == answers_of(distilled_output, "small")
+    assert answers_with(distilled, "proxy") == answers_of(distilled_output, "proxy")
     assert answers_with(aggregate, "proxy") == answers_of(output, "proxy")
-    assert answers_of(output, "proxy") != answers_of(default_output, "proxy")  # so the checks tell them apart
+    assert answers_of(output, "proxy") != answers_of(distilled_output, "proxy")  # so the checks tell them apart
 
     exported = export_run(output, tmp_path / "export")
     assert load_file(Path(exported["proxy-adapter"]) / "adapter_model.safetensors").keys() == aggregate.keys()
@@ -250,7 +251,8 @@ def test_fedavg_large_tunes_the_large_model_and_sends_its_bigger_adapter(tmp_pat
 
 
 def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter(tmp_path):
-    """Kill the ServerApp process mid-run, rerun with the same output-dir: the final adapter is bit for bit the
+    """Kill the ServerApp process mid-run, rerun with the same output-dir: the final adapters (FedPT's distilled
+    adapter/ and its proxy's proxy-adapter/, restored from the checkpoint's server state) are bit for bit the
     uninterrupted run's, with half of the 4 clients sampled per round (the client schedule depends on the seed and
     the round only, not on the node ids Flower assigns at each start)."""
     import os
@@ -293,10 +295,11 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter(tmp_path):
     schedule = [row["clients_sampled"] for row in _rows(full_output)[1:]]
     assert [row["clients_sampled"] for row in _rows(output)[1:]] == schedule
     assert all(len(clients) == 2 for clients in schedule) and len({tuple(c) for c in schedule}) > 1
-    uninterrupted = load_file(full_output / "adapter" / "adapter_model.safetensors")
-    after_resume = load_file(output / "adapter" / "adapter_model.safetensors")
-    assert uninterrupted.keys() == after_resume.keys()
-    assert all(torch.equal(uninterrupted[key], after_resume[key]) for key in uninterrupted)
+    for folder in ("adapter", "proxy-adapter"):  # the distilled small, and the aggregate its proxy uses
+        uninterrupted = load_file(full_output / folder / "adapter_model.safetensors")
+        after_resume = load_file(output / folder / "adapter_model.safetensors")
+        assert uninterrupted.keys() == after_resume.keys()
+        assert all(torch.equal(uninterrupted[key], after_resume[key]) for key in uninterrupted)
 
 
 def _honest_round(config, partitions, num_partitions: int) -> tuple[list[dict], list[float]]:

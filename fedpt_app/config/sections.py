@@ -14,7 +14,7 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")
 QUANTIZATIONS = ("none", "bf16", "8bit", "4bit")
 WIRE_DTYPES = ("float32", "float16")
 TEACHER_CACHE_MODES = ("memory", "disk", "off")
-PROXY_ADAPTERS = ("distilled", "aggregate")  # which adapter FedPT's proxy-tuned large model uses
+PROXY_ADAPTERS = ("aggregate", "distilled")  # which adapter FedPT's proxy-tuned large model uses
 DP_MODES = ("off", "server", "client")
 REPORTERS = ("tensorboard", "wandb", "mlflow")  # fedpt_app.federation.tracking implements each
 
@@ -193,7 +193,7 @@ class InstructConfig(Section):
     large_model: str = ""
     large_model_quantization: str = "none"
     proxy_alpha: float = 1.0
-    proxy_adapter: str = "distilled"  # FedPT's proxy: the adapter distilled from it, or the round's aggregate
+    proxy_adapter: str = "aggregate"  # FedPT's proxy: the round's aggregate, or the adapter distilled from it
     kd_temperature: float = 1.0
     kd_steps: int = 20
     kd_lr: float = 1e-3

@@ -3,7 +3,7 @@
 `OUT/adapter/` is the run's peft adapter whose `base_model_name_or_path` resolves for others: the hub id when the
 base came from the hub, otherwise the absolute path of the base's folder on this machine (the embedded preset's
 models live in `$FEDPT_CACHE/tiny-preset-v3-seed0/`, packaged models in their package or `$FEDPT_CACHE/gguf/`).
-A FedPT run with `proxy-adapter='aggregate'` also gets `OUT/proxy-adapter/`, the adapter of the proxy it reports.
+A FedPT run (default `proxy-adapter='aggregate'`) also gets `OUT/proxy-adapter/`, the adapter of its reported proxy.
 `--merge` writes `OUT/merged/`: the base with the adapter merged in, as safetensors with its tokenizer (or image
 processor), which `AutoModelForCausalLM.from_pretrained` (instruct family) or
 `AutoModelForSequenceClassification.from_pretrained` (`AutoModelForImageClassification` for a vision FM) loads

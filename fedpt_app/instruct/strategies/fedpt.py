@@ -1,10 +1,10 @@
 """FedPT: FedAvg of the small model's adapter; every round the server builds the proxy-tuned large model from the
 aggregate and distils it back into the small model, and the distilled adapter is what the next round broadcasts.
 
-The paper leaves open which adapter the proxy FedPT delivers uses. By default (`proxy-adapter='distilled'`) it is
-the distilled one, the small FedPT reports and saves (`adapter/`); with 'aggregate' it is the round's aggregate, the
-distillation's teacher (saved as `proxy-adapter/`), whose proxy does not add the large model's predictions a
-second time through a small already distilled towards them."""
+The paper leaves open which adapter the proxy FedPT delivers uses. By default (`proxy-adapter='aggregate'`) it is
+the round's aggregate, the distillation's teacher (saved as `proxy-adapter/`), whose proxy does not add the large
+model's predictions a second time through a small already distilled towards them (chosen on the server split:
+docs/results.md); with 'distilled' it is the distilled one, the small FedPT reports and saves (`adapter/`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """End-to-end `flwr run .` simulations on the embedded tiny preset (pre-trained once into FEDPT_CACHE)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,8 @@ def test_fedpt_scores_its_proxy_with_the_adapter_proxy_adapter_names(fedpt_run, 
     exported = export_run(output, tmp_path / "export")
     assert load_file(Path(exported["proxy-adapter"]) / "adapter_model.safetensors").keys() == aggregate.keys()
     assert "proxy-adapter/" in (tmp_path / "export" / "README.md").read_text()
+    shutil.copytree(output / "proxy-adapter", distilled_output / "proxy-adapter")  # a stale one, of an earlier run
+    assert "proxy-adapter" not in export_run(distilled_output, tmp_path / "export-distilled")
 
 
 def answers_of(output: Path, model_name: str) -> list[str]:

@@ -272,6 +272,7 @@ def test_the_runs_closing_table_shows_the_untuned_and_final_models_and_three_ans
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     summary = {"algorithm": "fedpt", "rounds": 1, "total_seconds": 5.0, "final": rows[1]}
+    summary["proxy_adapter_dir"] = str(tmp_path / "proxy-adapter")
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     answers = [("capital", "what is the capital of peru?", "the answer is lima.")] * 2 + [
         ("parity", "is 3 even or odd?", "the answer is odd."),
@@ -295,3 +296,6 @@ def test_the_runs_closing_table_shows_the_untuned_and_final_models_and_three_ans
     examples = lines[lines.index("answers of the proxy model (test split):") + 1 :][:3]
     questions = [line.split(" -> ")[0].strip() for line in examples]
     assert questions == ["what is the capital of peru?", "is 3 even or odd?", "what is the job of anna quill?"]
+    assert (
+        lines[-1] == f"files: {tmp_path} (metrics.jsonl, summary.json, predictions, plots/, adapter/, proxy-adapter/)"
+    )

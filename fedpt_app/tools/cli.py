@@ -93,7 +93,8 @@ def final_table(output: Path, examples: int = 3) -> str:
         for model, scores in table.items()
     ]
     lines += example_answers(output, examples)
-    lines.append(f"files: {output} (metrics.jsonl, summary.json, predictions, plots/, adapter/)")
+    adapters = "adapter/, proxy-adapter/" if summary.get("proxy_adapter_dir") else "adapter/"
+    lines.append(f"files: {output} (metrics.jsonl, summary.json, predictions, plots/, {adapters})")
     return "\n".join(lines)
 
 

@@ -50,7 +50,7 @@ def export_run(run: Path, out: Path, merge: bool = False) -> dict[str, str]:
     base = portable_reference(summary["adapter_base_model"])
     adapter = copy_adapter(run / "adapter", out / "adapter", base)
     written = {"adapter": str(adapter)}
-    if (run / "proxy-adapter").is_dir():  # FedPT: the adapter of the proxy it reports
+    if summary.get("proxy_adapter_dir"):  # FedPT: the adapter of the proxy it reports (not a stale earlier run's)
         written["proxy-adapter"] = str(copy_adapter(run / "proxy-adapter", out / "proxy-adapter", base))
     if merge:
         written["merged"] = str(merge_adapter(base, adapter, out / "merged", config, summary))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Choose a default on the server split, never on the test split: `fedpt-app compare` of the given algorithm variants
-# with every seed's runs evaluated on that seed's own server split (written as JSON lines and passed as
-# test-dataset), then one table over all runs (OUTPUT/comparison.md).
+# with every seed's runs evaluated on that seed's own server split of the built-in instruction set (written as JSON
+# lines and passed as test-dataset), then one table over all runs (OUTPUT/comparison.md).
 # Usage: scripts/compare_on_server_split.sh OUTPUT ALGORITHMS [SEEDS]   (SEEDS default "0 1 2")
 # Used for kd-teacher-tail (docs/serving.md#top-k-teacher) and proxy-adapter (docs/results.md).
 set -euo pipefail
